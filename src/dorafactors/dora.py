@@ -1,0 +1,483 @@
+"""DoRA layers with a factored row norm, drop-in replacements for PEFT's own.
+
+DoRA rescales each output row of the adapted weight (DESIGN.md):
+
+    W' = m ⊙ (W + s·B·A) / n,        n_i = ‖W_i + s·(B·A)_i‖
+
+and we never build ``B·A``. Row ``i`` of the squared norm splits into
+
+    n_i² = ‖W_i‖² + 2s·Σ_j B_ij U_ij + s²·Σ_j (B G)_ij B_ij,   U = W·Aᵀ [d_out, r],  G = A·Aᵀ [r, r]
+
+``U`` is computed over bounded row chunks of ``W`` (``PEFT_DORA_NORM_CHUNK_MB``), everything is
+accumulated in fp32 (fp64 for fp64 inputs), tiny negative rounding is clamped before the sqrt and the
+norm is clamped to :data:`DORA_NORM_EPS`, so a zero row gives a finite result. ``n`` is detached
+(DoRA paper, section 4.3). With ``g = m / n`` the layer output is
+
+    y = g ⊙ (W x + s·B A x) + bias = base + (g − 1) ⊙ base + g·s ⊙ lora
+
+where ``g − 1`` is computed as ``(m − n) / n`` in fp32 so the near-unity regime keeps its bits in
+bf16/fp16. The row norm is cached while ``W, A, B`` are unchanged (see :class:`_NormCache`).
+
+This file is also shipped as ``peft.tuners.lora.dora`` by hf.patch: package-relative imports only
+between our modules, absolute ``peft.`` imports for PEFT utilities.
+"""
+
+from __future__ import annotations
+
+import weakref
+from copy import deepcopy
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
+from peft.utils.other import transpose
+
+from .dora_env import get_config
+
+__all__ = [
+    "DORA_NORM_EPS",
+    "DoraConv1dLayer",
+    "DoraConv2dLayer",
+    "DoraConv3dLayer",
+    "DoraEmbeddingLayer",
+    "DoraLinearLayer",
+    "factored_row_norm",
+    "dense_row_norm",
+    "invalidate_norm_cache",
+]
+
+DORA_NORM_EPS = 1e-6
+"""Lower clamp of the row norm ``n``. A row whose adapted weight is exactly zero has no direction;
+with ``n = eps`` its output is ``m / eps · 0 = 0`` instead of upstream's inf/NaN (peft issue 2049)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Factored row norm
+# ---------------------------------------------------------------------------------------------
+
+
+def _accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _gemm_dtype(weight: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    """The norm's GEMMs run in the working dtype of the frozen weight (tensor cores for bf16/fp16,
+    fp32 accumulation inside the GEMM); full-precision weights promote with the adapters."""
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    dtype = weight.dtype
+    for t in others:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _rows_per_chunk(d_in: int, chunk_bytes: int) -> int:
+    # worst case a chunk is converted to fp64 (8 bytes/element); everything else is [rows, r]
+    return max(1, chunk_bytes // max(1, 8 * d_in))
+
+
+def base_row_sq(weight: torch.Tensor, chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """``‖W_i‖²`` for ``weight`` [d_out, d_in] in fp32 (fp64 for fp64), over bounded row chunks."""
+    chunk_bytes = chunk_bytes or get_config().norm_chunk_bytes
+    acc = _accum_dtype(weight)
+    d_out, d_in = weight.shape
+    out = torch.empty(d_out, dtype=acc, device=weight.device)
+    step = _rows_per_chunk(d_in, chunk_bytes)
+    for start in range(0, d_out, step):
+        rows = weight[start : start + step]
+        out[start : start + step] = torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
+    return out
+
+
+@torch.no_grad()
+def factored_row_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    base_sq: Optional[torch.Tensor] = None,
+    chunk_bytes: Optional[int] = None,
+    eps: float = DORA_NORM_EPS,
+) -> torch.Tensor:
+    """Row norms ``n`` [d_out] of ``W + s·B·A`` without forming ``B·A``.
+
+    Args:
+        weight: ``W`` [d_out, d_in] (any float dtype, may be a strided view).
+        lora_A: ``A`` [r, d_in].
+        lora_B: ``B`` [d_out, r].
+        scaling: ``s``.
+        base_sq: optional cached ``‖W_i‖²`` [d_out] (fp32).
+        chunk_bytes: bound on any temporary derived from ``W``; defaults to ``PEFT_DORA_NORM_CHUNK_MB``.
+
+    Returns:
+        ``n`` [d_out], fp32 (fp64 if any input is fp64), detached, clamped to ``eps``.
+    """
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(
+            f"factored_row_norm expects W [d_out, d_in], A [r, d_in], B [d_out, r]; got W {tuple(weight.shape)}, "
+            f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}"
+        )
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != d_in or lora_B.shape != (d_out, r):
+        raise ValueError(
+            f"shape mismatch: W {tuple(weight.shape)} needs A [r, {d_in}] and B [{d_out}, r]; got A "
+            f"{tuple(lora_A.shape)}, B {tuple(lora_B.shape)}"
+        )
+    chunk_bytes = chunk_bytes or get_config().norm_chunk_bytes
+    acc = _accum_dtype(weight, lora_A, lora_B)
+    device = weight.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        A = lora_A.detach().to(device)
+        B = lora_B.detach().to(device=device, dtype=acc)
+        gemm = _gemm_dtype(weight, lora_A)
+        A_g = A.to(gemm)
+        if base_sq is None:
+            base_sq = base_row_sq(weight.detach(), chunk_bytes)
+        # cross term: Σ_j B_ij U_ij with U = W Aᵀ, one bounded row chunk of W at a time
+        cross = torch.empty(d_out, dtype=acc, device=device)
+        step = _rows_per_chunk(d_in, chunk_bytes)
+        for start in range(0, d_out, step):
+            U = weight[start : start + step].detach().to(gemm) @ A_g.T  # [rows, r]
+            cross[start : start + step] = (U.to(acc) * B[start : start + step]).sum(dim=1)
+        # Gram term: Σ_j (B G)_ij B_ij with G = A Aᵀ
+        G = (A_g @ A_g.T).to(acc)
+        gram = ((B @ G) * B).sum(dim=1)
+        n_sq = base_sq.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * gram
+        return n_sq.clamp_min_(0).sqrt_().clamp_min_(eps)
+
+
+@torch.no_grad()
+def dense_row_norm(
+    weight: torch.Tensor, delta: torch.Tensor, scaling: float, chunk_bytes: Optional[int] = None
+) -> torch.Tensor:
+    """Row norms of ``weight + scaling·delta`` (both [d_out, d_in]) over bounded row chunks, in fp32.
+
+    Used where PEFT hands us a dense delta (merges); no full-size temporary is created.
+    """
+    chunk_bytes = chunk_bytes or get_config().norm_chunk_bytes
+    acc = _accum_dtype(weight, delta)
+    d_out, d_in = weight.shape
+    out = torch.empty(d_out, dtype=acc, device=weight.device)
+    step = _rows_per_chunk(d_in, chunk_bytes)
+    for start in range(0, d_out, step):
+        rows = weight[start : start + step].to(acc) + scaling * delta[start : start + step].to(acc)
+        out[start : start + step] = torch.linalg.vector_norm(rows, dim=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm cache
+# ---------------------------------------------------------------------------------------------
+
+_global_epoch = 0
+_all_caches: "weakref.WeakSet[_NormCache]" = weakref.WeakSet()
+
+
+def _bump_epoch(*_args: Any, **_kwargs: Any) -> None:
+    global _global_epoch
+    _global_epoch += 1
+
+
+def _install_optimizer_hook() -> None:
+    # Writes through ``.data`` (DeepSpeed ZeRO-1/2 copying its fp32 master weights back) move no
+    # version counter, so every optimizer step also invalidates every cache.
+    try:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+    except ImportError:  # pragma: no cover - very old torch
+        return
+    register_optimizer_step_post_hook(_bump_epoch)
+
+
+_install_optimizer_hook()
+
+
+def invalidate_norm_cache(module: Optional[nn.Module] = None) -> None:
+    """Drop cached DoRA row norms: of ``module``'s DoRA layers, or of every layer when ``None``.
+
+    Call after editing adapter or base weights by hand outside an optimizer (e.g. through ``.data``).
+    """
+    if module is None:
+        _bump_epoch()
+        return
+    for sub in module.modules():
+        cache = getattr(sub, "_norm_cache", None)
+        if isinstance(cache, _NormCache):
+            cache.clear()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    # views (A.T, reshapes) are new objects every call: key on the tensor that owns the storage
+    owner = t._base if t._base is not None else t
+    return (id(owner), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+
+class _NormCache:
+    """Holds ``‖W_i‖²`` and ``n`` for one DoRA layer; never outlives the layer.
+
+    A value is served only when the identity, storage, version counter, dtype, device, shape and
+    stride of every input match, the scaling matches and no optimizer step happened since.
+    """
+
+    __slots__ = ("base_key", "base_sq", "norm_key", "norm", "__weakref__")
+
+    def __init__(self) -> None:
+        self.clear()
+        _all_caches.add(self)
+
+    def clear(self) -> None:
+        self.base_key = None
+        self.base_sq = None
+        self.norm_key = None
+        self.norm = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose
+# ---------------------------------------------------------------------------------------------
+
+
+def _compose_delta_eager(
+    base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float, dim: int
+) -> torch.Tensor:
+    """``(g − 1) ⊙ base + g·s ⊙ lora`` in ``base.dtype``, with ``g − 1 = (m − n)/n`` in fp32.
+
+    ``dim`` is the output-feature dimension (``-1`` for Linear/Embedding, ``1`` for Conv).
+    """
+    shape = [1] * base.dim()
+    shape[dim] = -1
+    acc = _accum_dtype(magnitude, norm, base)
+    m = magnitude.reshape(-1).to(acc)
+    n = norm.reshape(-1).to(acc)
+    g_minus_1 = ((m - n) / n).to(base.dtype).view(shape)
+    g_s = (m / n * scaling).to(lora.dtype).view(shape)
+    delta = base * g_minus_1
+    return delta.add_(lora * g_s)
+
+
+@torch.no_grad()
+def _compose_delta_chunked(base, lora, magnitude, norm, scaling, chunk_bytes) -> torch.Tensor:
+    """Inference-only eager compose over column blocks of a very wide output: bounded temporaries."""
+    d_out = base.shape[-1]
+    rows = max(1, base.numel() // max(1, d_out))
+    cols = max(1, chunk_bytes // max(1, 4 * rows))
+    if cols >= d_out:
+        return _compose_delta_eager(base, lora, magnitude, norm, scaling, -1)
+    out = torch.empty_like(base)
+    m, n = magnitude.reshape(-1), norm.reshape(-1)
+    for start in range(0, d_out, cols):
+        sl = slice(start, start + cols)
+        out[..., sl] = _compose_delta_eager(base[..., sl], lora[..., sl], m[sl], n[sl], scaling, -1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _weight_of(module_or_tensor: Any) -> torch.Tensor:
+    return module_or_tensor.weight if isinstance(module_or_tensor, nn.Module) else module_or_tensor
+
+
+class DoraLinearLayer(nn.Module):
+    """DoRA magnitude and composition for a ``Linear`` base layer (PEFT's contract).
+
+    The magnitude ``m`` [d_out] lives in ``self.weight`` (what PEFT saves as ``lora_magnitude_vector``).
+    """
+
+    def __init__(self, fan_in_fan_out: bool):
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self._norm_cache = _NormCache()
+
+    # -- norms -------------------------------------------------------------------------------
+
+    def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as ``W`` [d_out, d_in] (a view; no copy)."""
+        return transpose(weight, self.fan_in_fan_out)
+
+    def _factors(self, lora_A: Any, lora_B: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` [r, d_in] and ``B`` [d_out, r] from the modules or tensors PEFT passes."""
+        return _weight_of(lora_A), _weight_of(lora_B)
+
+    def get_weight_norm(self, weight, lora_weight, scaling, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """Row norms of ``W + scaling·lora_weight`` for a dense ``lora_weight`` [d_out, d_in] (merge paths).
+
+        Returns ``[d_out]`` in ``promote(weight, lora_weight)`` dtype, as upstream does.
+        """
+        W = self._weight_rows(weight)
+        if W.shape != lora_weight.shape:
+            raise ValueError(f"get_weight_norm: weight rows {tuple(W.shape)} != lora_weight {tuple(lora_weight.shape)}")
+        out_dtype = torch.promote_types(W.dtype, lora_weight.dtype)
+        return dense_row_norm(W, lora_weight, scaling).clamp_min(DORA_NORM_EPS).to(out_dtype)
+
+    def row_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Factored ``n`` [d_out] (fp32, detached), reused while ``W, A, B, s`` are unchanged."""
+        W = self._weight_rows(weight)
+        cfg = get_config()
+        cache = self._norm_cache
+        if not cfg.norm_cache:
+            cache.clear()
+            return factored_row_norm(W, lora_A, lora_B, scaling, chunk_bytes=cfg.norm_chunk_bytes)
+        base_key = (_tensor_key(weight), self.fan_in_fan_out)
+        if cache.base_key != base_key:
+            cache.base_sq = base_row_sq(W.detach(), cfg.norm_chunk_bytes)
+            cache.base_key = base_key
+        norm_key = (base_key, _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), _global_epoch)
+        if cache.norm_key != norm_key:
+            cache.norm = factored_row_norm(
+                W, lora_A, lora_B, scaling, base_sq=cache.base_sq, chunk_bytes=cfg.norm_chunk_bytes
+            )
+            cache.norm_key = norm_key
+        return cache.norm
+
+    def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False) -> None:
+        """Initialise ``m`` to the row norm of ``W + s·B·A`` (``A``, ``B`` given as weight tensors)."""
+        with gather_params_ctx(base_layer.parameters()):
+            if base_layer.__class__.__name__ == "Linear4bit":
+                # bnb's 4-bit weights must be dequantized from a copy under FSDP
+                base_layer = deepcopy(base_layer)
+            weight = dequantize_module_weight(base_layer)
+            mag_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+            norm = self._init_norm(weight.to(lora_A.device), lora_A, lora_B, scaling)
+        norm = norm.to(mag_dtype)
+        if place_on_cpu:
+            norm = norm.to("cpu")
+        self.weight = nn.Parameter(norm, requires_grad=True)
+        self._norm_cache.clear()
+
+    def _init_norm(self, weight, lora_A, lora_B, scaling) -> torch.Tensor:
+        return factored_row_norm(self._weight_rows(weight), lora_A, lora_B, scaling)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _base_without_bias(self, x, base_layer, weight, base_result) -> torch.Tensor:
+        if base_result is not None:
+            bias = getattr(base_layer, "bias", None)
+            return base_result - bias if bias is not None else base_result
+        # dropout active: PEFT defines the base term on the dropped-out input; run it in W's dtype so
+        # no fp32 copy of W is made
+        W = self._weight_rows(weight)
+        return F.linear(x.to(W.dtype), W)
+
+    def forward(
+        self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name: Optional[str] = None
+    ) -> torch.Tensor:
+        """DoRA's delta, to be added to the base output: ``(g − 1) ⊙ base + g·s ⊙ lora``.
+
+        Args:
+            x: input [..., d_in] (already dropped out by PEFT when dropout is active).
+            lora_A, lora_B: PEFT's ``nn.Linear`` modules (``A`` [r, d_in], ``B`` [d_out, r]).
+            base_result: the base layer's output [..., d_out] (with bias), or ``None`` when dropout is
+                active, in which case the base term is computed from ``x``.
+
+        Returns:
+            [..., d_out] in the base output's dtype.
+        """
+        weight = dequantize_module_weight(base_layer)
+        A, B = self._factors(lora_A, lora_B)
+        norm = self.row_norm(weight, A, B, scaling)
+        lora_out = lora_B(lora_A(x))
+        base = self._base_without_bias(x, base_layer, weight, base_result)
+        out_dtype = base_result.dtype if base_result is not None else base.dtype
+        if not torch.is_grad_enabled():
+            delta = _compose_delta_chunked(base, lora_out, self.weight, norm, scaling, get_config().fwd_chunk_bytes)
+        else:
+            delta = _compose_delta_eager(base, lora_out, self.weight, norm, scaling, -1)
+        return delta.to(out_dtype)
+
+    def __repr__(self) -> str:
+        return "lora.dora." + super().__repr__()
+
+
+class DoraEmbeddingLayer(DoraLinearLayer):
+    """DoRA for ``Embedding``: ``W`` rows are the columns of the embedding table (fan_in_fan_out)."""
+
+    def _factors(self, lora_A, lora_B):
+        # forward receives lora_embedding_A.T [num_emb, r] and lora_embedding_B.T [r, emb_dim]
+        return lora_A.T, lora_B.T
+
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, embed_fn, adapter_name: Optional[str] = None):
+        """Returns ``(g [emb_dim], g·s·(embed(x, A) @ B) [..., emb_dim])``; the variant computes
+        ``g ⊙ base + that``."""
+        A, B = self._factors(lora_A, lora_B)
+        norm = self.row_norm(base_layer.weight, A, B, scaling)
+        magnitude = self.weight
+        g = magnitude / norm.to(magnitude.dtype if magnitude.dtype == torch.float64 else torch.float32)
+        result_dora = g * (embed_fn(x, lora_A) @ lora_B) * scaling
+        return g, result_dora
+
+
+class _DoraConvNdLayer(DoraLinearLayer):
+    """DoRA for ``ConvNd``: ``W`` rows are the flattened output filters; ``m`` is [1, out, 1, ...]."""
+
+    def _weight_rows(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def _factors(self, lora_A, lora_B):
+        A, B = _weight_of(lora_A), _weight_of(lora_B)
+        r = A.shape[0]
+        return A.reshape(r, -1), B.reshape(-1, r)
+
+    def get_weight_norm(self, weight, lora_weight, scaling, adapter_name: Optional[str] = None) -> torch.Tensor:
+        W = self._weight_rows(weight)
+        out_dtype = torch.promote_types(weight.dtype, lora_weight.dtype)
+        norm = dense_row_norm(W, lora_weight.reshape(W.shape), scaling).clamp_min(DORA_NORM_EPS)
+        return norm.to(out_dtype).view((1, -1) + (1,) * (weight.dim() - 2))
+
+    def _init_norm(self, weight, lora_A, lora_B, scaling):
+        A, B = self._factors(lora_A, lora_B)
+        norm = factored_row_norm(self._weight_rows(weight), A, B, scaling)
+        return norm.view((1, -1) + (1,) * (weight.dim() - 2))
+
+    def row_norm(self, weight, lora_A, lora_B, scaling):
+        return super().row_norm(weight, *self._factors(lora_A, lora_B), scaling)
+
+    def forward(
+        self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name: Optional[str] = None
+    ) -> torch.Tensor:
+        weight = base_layer.weight
+        norm = self.row_norm(weight, lora_A.weight, lora_B.weight, scaling)
+        if base_result is None:
+            base = self.conv_fn(
+                x.to(weight.dtype),
+                weight,
+                bias=None,
+                stride=base_layer.stride,
+                padding=base_layer.padding,
+                dilation=base_layer.dilation,
+                groups=base_layer.groups,
+            )
+            out_dtype = base.dtype
+        else:
+            base = base_result
+            if base_layer.bias is not None:
+                base = base - base_layer.bias.view((1, -1) + (1,) * (base_result.dim() - 2))
+            out_dtype = base_result.dtype
+        lora_out = lora_B(lora_A(x))
+        delta = _compose_delta_eager(base, lora_out, self.weight, norm, scaling, 1)
+        return delta.to(out_dtype)
+
+
+class DoraConv1dLayer(_DoraConvNdLayer):
+    def __init__(self, fan_in_fan_out):
+        super().__init__(fan_in_fan_out)
+        self.conv_fn = F.conv1d
+
+
+class DoraConv2dLayer(_DoraConvNdLayer):
+    def __init__(self, fan_in_fan_out):
+        super().__init__(fan_in_fan_out)
+        self.conv_fn = F.conv2d
+
+
+class DoraConv3dLayer(_DoraConvNdLayer):
+    def __init__(self, fan_in_fan_out):
+        super().__init__(fan_in_fan_out)
+        self.conv_fn = F.conv3d
+
