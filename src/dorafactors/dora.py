@@ -241,6 +241,58 @@ class _NormCache:
 # ---------------------------------------------------------------------------------------------
 
 
+def _scale_shape(base: torch.Tensor, dim: int) -> list[int]:
+    shape = [1] * base.dim()
+    shape[dim] = -1
+    return shape
+
+
+def _g_terms(magnitude, norm, base, scaling):
+    """``g − 1 = (m − n)/n`` and ``g·s`` in fp32 (fp64 for fp64 inputs), flat [d_out]."""
+    acc = _accum_dtype(magnitude, norm, base)
+    m = magnitude.reshape(-1).to(acc)
+    n = norm.reshape(-1).to(acc)
+    return (m - n) / n, m / n * scaling, n
+
+
+class _DoraDeltaEager(torch.autograd.Function):
+    """``delta = (g − 1) ⊙ base + g·s ⊙ lora`` with DoRA's backward (n constant):
+
+        ∂base = (g − 1) ⊙ dδ      ∂lora = g·s ⊙ dδ      ∂m_i = Σ_t dδ_ti · (base_ti + s·lora_ti) / n_i
+
+    The magnitude gradient is reduced in fp32 whatever the activation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, base, lora, magnitude, norm, scaling: float, dim: int):
+        g_minus_1, g_s, n = _g_terms(magnitude, norm, base, scaling)
+        shape = _scale_shape(base, dim)
+        delta = base * g_minus_1.to(base.dtype).view(shape)
+        delta.add_(lora * g_s.to(lora.dtype).view(shape))
+        ctx.save_for_backward(base, lora, magnitude, norm)
+        ctx.scaling, ctx.dim = scaling, dim
+        return delta
+
+    @staticmethod
+    def backward(ctx, d_delta):
+        base, lora, magnitude, norm = ctx.saved_tensors
+        s, dim = ctx.scaling, ctx.dim
+        g_minus_1, g_s, n = _g_terms(magnitude, norm, base, s)
+        shape = _scale_shape(base, dim)
+        d_base = d_lora = d_m = None
+        if ctx.needs_input_grad[0]:
+            d_base = (d_delta * g_minus_1.to(d_delta.dtype).view(shape)).to(base.dtype)
+        if ctx.needs_input_grad[1]:
+            d_lora = (d_delta * g_s.to(d_delta.dtype).view(shape)).to(lora.dtype)
+        if ctx.needs_input_grad[2]:
+            acc = n.dtype
+            v = base.to(acc) + s * lora.to(acc)
+            reduce_dims = [d for d in range(base.dim()) if d != dim % base.dim()]
+            d_m = (d_delta.to(acc) * v).sum(dim=reduce_dims) / n
+            d_m = d_m.reshape(magnitude.shape).to(magnitude.dtype)
+        return d_base, d_lora, d_m, None, None, None
+
+
 def _compose_delta_eager(
     base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float, dim: int
 ) -> torch.Tensor:
@@ -248,15 +300,7 @@ def _compose_delta_eager(
 
     ``dim`` is the output-feature dimension (``-1`` for Linear/Embedding, ``1`` for Conv).
     """
-    shape = [1] * base.dim()
-    shape[dim] = -1
-    acc = _accum_dtype(magnitude, norm, base)
-    m = magnitude.reshape(-1).to(acc)
-    n = norm.reshape(-1).to(acc)
-    g_minus_1 = ((m - n) / n).to(base.dtype).view(shape)
-    g_s = (m / n * scaling).to(lora.dtype).view(shape)
-    delta = base * g_minus_1
-    return delta.add_(lora * g_s)
+    return _DoraDeltaEager.apply(base, lora, magnitude, norm.detach(), float(scaling), dim)
 
 
 @torch.no_grad()

@@ -1,0 +1,759 @@
+"""Fused Triton kernels for DoRA: the compose (forward and backward) and the norm assembly.
+
+Symbols follow DESIGN.md. For one adapted linear layer with base output
+``base = W x`` [T, d_out] (no bias), LoRA output ``lora = B A x`` [T, d_out],
+scaling ``s``, magnitude ``m`` [d_out] and detached row norm ``n`` [d_out]:
+
+    g   = m / n                              (fp32, inside the kernel)
+    out = g ⊙ (base + s·lora) + bias          (fp32, rounded once to base.dtype)
+
+Backward treats ``n`` as a constant (DoRA paper, section 4.3):
+
+    d_base = g ⊙ dy     d_lora = s·g ⊙ dy     d_m_i = Σ_t dy_ti·v_ti / n_i,  v = base + s·lora
+
+The norm assembly turns the factored terms into ``n`` without forming ``B·A``:
+
+    n_i = max(sqrt(max(‖W_i‖² + 2s·Σ_j B_ij U_ij + s²·Σ_j (B G)_ij B_ij, 0)), eps)
+
+Layout, per op: private ``@triton.jit`` kernels (built lazily, so importing
+this module needs only torch), plain launchers, ``torch.library`` custom ops
+(so ``torch.compile`` traces them without graph breaks) with the autograd
+formula, the ``FusedDoraCompose`` autograd.Function, and one validated
+public entry. Pure-PyTorch twins live in ``dora_fused_naive``.
+
+Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the CPU test-suite exercises them.
+"""
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .dora_fused_naive import (
+    compute_dtype,
+    dora_compose_backward_reference,
+    dora_compose_reference,
+    dora_norm_assembly_reference,
+)
+
+__all__ = [
+    "is_available",
+    "set_autotune_comprehensive",
+    "dora_compose",
+    "dora_norm_assembly",
+    "FusedDoraCompose",
+    "dora_compose_reference",
+    "dora_compose_backward_reference",
+    "dora_norm_assembly_reference",
+]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ENV_AUTOTUNE = "DORA_AUTOTUNE_COMPREHENSIVE"
+
+# What the compose forward keeps for d_m (only needed when m requires grad).
+SAVE_NONE, SAVE_V, SAVE_OUT = 0, 1, 2
+
+# fp32 x fp32 products in the norm's B·G on tensor cores: 3xTF32 keeps ~fp32
+# accuracy at a fraction of the CUDA-core cost (ignored for bf16/fp16/fp64).
+_NORM_DOT_PRECISION = "tf32x3"
+
+# Filled by _kernels(): the kernels' bodies resolve `tl` through module globals.
+triton = None
+tl = None
+
+# ---------------------------------------------------------------------------
+# Availability and autotune configuration
+# ---------------------------------------------------------------------------
+
+_triton_state: Dict[str, bool] = {}
+_autotune_override: Optional[bool] = None
+
+
+def _triton_importable() -> bool:
+    if "ok" not in _triton_state:
+        try:
+            import triton as _t  # noqa: F401
+            import triton.language as _tl  # noqa: F401
+
+            _triton_state["ok"] = True
+        except ImportError:
+            _triton_state["ok"] = False
+    return _triton_state["ok"]
+
+
+def _interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def is_available() -> bool:
+    """Whether the fused kernels can run here: Triton importable and CUDA (or the interpreter)."""
+    if not _triton_importable():
+        return False
+    return _interpreting() or torch.cuda.is_available()
+
+
+def _parse_flag(name: str, raw: Optional[str]) -> bool:
+    if raw is None or raw == "":
+        return False
+    if raw in ("0", "1"):
+        return raw == "1"
+    raise ValueError(f"environment variable {name}={raw!r} is invalid; accepted values: '0', '1' or unset")
+
+
+def set_autotune_comprehensive(flag: bool) -> None:
+    """Choose the large autotune search space (True) or the small default list (False).
+
+    Overrides ``DORA_AUTOTUNE_COMPREHENSIVE``; takes effect for kernels launched afterwards.
+    """
+    global _autotune_override
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_autotune_comprehensive expects a bool, got {type(flag).__name__}")
+    _autotune_override = flag
+
+
+def _autotune_comprehensive() -> bool:
+    if _autotune_override is not None:
+        return _autotune_override
+    return _parse_flag(_ENV_AUTOTUNE, os.environ.get(_ENV_AUTOTUNE))
+
+
+def _autotune_configs(comprehensive: bool) -> Dict[str, list]:
+    """Autotune configs per kernel: a short default list, or a wide sweep.
+
+    Compose kernels are memory-bound tiles of [BLOCK_T, BLOCK_D]; the norm
+    kernel tiles [BLOCK_D rows] x [BLOCK_R of r].
+    """
+    Config = triton.Config
+    if not comprehensive:
+        compose = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (32, 128, 4), (64, 128, 8), (16, 1024, 8)]
+        norm = [(64, 32, 4), (128, 32, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8), (32, 16, 2)]
+        fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in compose]
+        bwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in compose]
+        nrm = [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w) for d, r, w in norm]
+        return {"compose_fwd": fwd, "compose_bwd": bwd, "norm": nrm}
+    tiles = [
+        (t, d, w, st)
+        for t in (4, 8, 16, 32, 64)
+        for d in (64, 128, 256, 512, 1024)
+        for w in (2, 4, 8, 16)
+        for st in (1, 2, 3)
+        if 1024 <= t * d <= 16384 and t * d // (32 * w) >= 4
+    ]
+    fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
+    bwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
+    nrm = [
+        Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w, num_stages=st)
+        for d in (16, 32, 64, 128)
+        for r in (16, 32, 64, 128)
+        for w in (2, 4, 8)
+        for st in (1, 2, 3)
+        if d * r <= 8192
+    ]
+    return {"compose_fwd": fwd, "compose_bwd": bwd, "norm": nrm}
+
+
+def _interpreter_configs() -> Dict[str, list]:
+    # The interpreter cannot benchmark; one small config keeps tests fast and still tiles.
+    Config = triton.Config
+    return {
+        "compose_fwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
+        "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
+        "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})],
+    }
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _prune_compose(configs, named_args, **kwargs):
+    # Drop tiles far larger than the problem (tiny T or d_out); keep at least one.
+    t_cap = max(8, _next_pow2(named_args["T_BUCKET"]))
+    d_cap = max(64, _next_pow2(named_args["d_out"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["BLOCK_D"] <= d_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
+
+
+def _prune_norm(configs, named_args, **kwargs):
+    r_cap = max(16, _next_pow2(named_args["r"]))
+    d_cap = max(16, _next_pow2(named_args["d_out"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_R"] <= r_cap and c.kwargs["BLOCK_D"] <= d_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_D"])]
+
+
+# ---------------------------------------------------------------------------
+# Kernels (defined on first use so that importing this module needs only torch)
+# ---------------------------------------------------------------------------
+
+_kernel_cache: Dict[str, object] = {}
+
+
+def _kernels() -> Dict[str, object]:
+    if _kernel_cache:
+        return _kernel_cache
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _compose_fwd_kernel(
+        base_ptr, lora_ptr, m_ptr, n_ptr, bias_ptr, out_ptr, v_ptr,
+        T, d_out, stride_base, stride_lora, stride_out, stride_v, s, T_BUCKET,
+        HAS_BIAS: tl.constexpr, WRITE_V: tl.constexpr, ACC: tl.constexpr, IS_FP64: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One [BLOCK_T, BLOCK_D] tile: read base and lora once, write out (and v) once.
+        pid_t = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < d_out
+        mask = (rows < T)[:, None] & cmask[None, :]
+        m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        n = tl.load(n_ptr + cols, mask=cmask, other=1.0).to(ACC)
+        if IS_FP64:
+            g = m / n
+        else:
+            g = tl.div_rn(m, n)  # g ≈ 1: keep it exact to fp32, never rounded to bf16
+        b = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(ACC)
+        lo = tl.load(lora_ptr + rows[:, None] * stride_lora + cols[None, :], mask=mask, other=0.0).to(ACC)
+        v = b + s * lo
+        out = g[None, :] * v
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_V:
+            tl.store(v_ptr + rows[:, None] * stride_v + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _compose_bwd_kernel(
+        dy_ptr, saved_ptr, m_ptr, n_ptr, dbase_ptr, dlora_ptr, pdm_ptr, pdb_ptr,
+        T, d_out, t_chunk, stride_dy, stride_saved, stride_dbase, stride_dlora, s, T_BUCKET,
+        NEED_DBASE: tl.constexpr, NEED_DLORA: tl.constexpr, NEED_DM: tl.constexpr, NEED_DBIAS: tl.constexpr,
+        ACC: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Program (column block, T chunk): one read of dy (and of the saved v or out)
+        # yields d_base, d_lora and this chunk's column sums for d_m and d_bias.
+        pid_d = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < d_out
+        m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        n = tl.load(n_ptr + cols, mask=cmask, other=1.0).to(ACC)
+        if IS_FP64:
+            g = m / n
+        else:
+            g = tl.div_rn(m, n)
+        sg = s * g
+        acc_dm = tl.zeros([BLOCK_D], dtype=ACC)
+        acc_db = tl.zeros([BLOCK_D], dtype=ACC)
+        t_lo = pid_c * t_chunk
+        t_hi = tl.minimum(t_lo + t_chunk, T)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            rows = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            mask = (rows < t_hi)[:, None] & cmask[None, :]
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if NEED_DBASE:
+                tl.store(dbase_ptr + rows[:, None] * stride_dbase + cols[None, :],
+                         (g[None, :] * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
+            if NEED_DLORA:
+                tl.store(dlora_ptr + rows[:, None] * stride_dlora + cols[None, :],
+                         (sg[None, :] * dy).to(dlora_ptr.dtype.element_ty), mask=mask)
+            if NEED_DM:
+                w = tl.load(saved_ptr + rows[:, None] * stride_saved + cols[None, :], mask=mask, other=0.0)
+                acc_dm += tl.sum(dy * w.to(ACC), axis=0)
+            if NEED_DBIAS:
+                acc_db += tl.sum(dy, axis=0)
+        if NEED_DM:
+            tl.store(pdm_ptr + pid_c * d_out + cols, acc_dm, mask=cmask)
+        if NEED_DBIAS:
+            tl.store(pdb_ptr + pid_c * d_out + cols, acc_db, mask=cmask)
+
+    @triton.jit
+    def _norm_assembly_kernel(
+        base_sq_ptr, U_ptr, B_ptr, G_ptr, m_ptr, n_ptr, g_ptr,
+        d_out, r, stride_u, stride_b, stride_g, s, eps,
+        ACC: tl.constexpr, IS_FP64: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # A block of rows i: cross_i = Σ_j B_ij U_ij and gram_i = Σ_jk B_ij G_jk B_ik.
+        # G = A·Aᵀ is symmetric, so gram sums the diagonal blocks once and the
+        # blocks above the diagonal twice (half the B·G work).
+        pid = tl.program_id(0)
+        rows = (pid * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        rmask = rows < d_out
+        cross = tl.zeros([BLOCK_D], dtype=ACC)
+        gram = tl.zeros([BLOCK_D], dtype=ACC)
+        for j0 in range(0, r, BLOCK_R):
+            cj = j0 + tl.arange(0, BLOCK_R)
+            jmask = cj < r
+            mj = rmask[:, None] & jmask[None, :]
+            Bj = tl.load(B_ptr + rows[:, None] * stride_b + cj[None, :], mask=mj, other=0.0)
+            Uj = tl.load(U_ptr + rows[:, None] * stride_u + cj[None, :], mask=mj, other=0.0)
+            Bj_acc = Bj.to(ACC)
+            cross += tl.sum(Bj_acc * Uj.to(ACC), axis=1)
+            Bj_dot = Bj.to(DOT)
+            for k0 in range(j0, r, BLOCK_R):
+                ck = k0 + tl.arange(0, BLOCK_R)
+                kmask = ck < r
+                Gjk = tl.load(G_ptr + cj[:, None] * stride_g + ck[None, :],
+                              mask=jmask[:, None] & kmask[None, :], other=0.0)
+                Bk = tl.load(B_ptr + rows[:, None] * stride_b + ck[None, :],
+                             mask=rmask[:, None] & kmask[None, :], other=0.0)
+                BG = tl.dot(Bj_dot, Gjk.to(DOT), input_precision=DOT_PRECISION, out_dtype=ACC)
+                weight = tl.where(k0 == j0, 1.0, 2.0)
+                gram += weight * tl.sum(BG * Bk.to(ACC), axis=1)
+        base_sq = tl.load(base_sq_ptr + rows, mask=rmask, other=1.0).to(ACC)
+        nsq = tl.maximum(base_sq + (2.0 * s) * cross + (s * s) * gram, 0.0)  # clamp rounding below 0
+        m = tl.load(m_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        if IS_FP64:
+            n = tl.maximum(tl.sqrt(nsq), eps)
+            g = m / n
+        else:
+            n = tl.maximum(tl.sqrt_rn(nsq), eps)
+            g = tl.div_rn(m, n)
+        tl.store(n_ptr + rows, n, mask=rmask)
+        tl.store(g_ptr + rows, g, mask=rmask)
+
+    _kernel_cache.update(compose_fwd=_compose_fwd_kernel, compose_bwd=_compose_bwd_kernel, norm=_norm_assembly_kernel)
+    return _kernel_cache
+
+
+_AUTOTUNE_KEYS = {
+    "compose_fwd": ["d_out", "T_BUCKET", "HAS_BIAS", "WRITE_V"],
+    "compose_bwd": ["d_out", "T_BUCKET", "NEED_DBASE", "NEED_DLORA", "NEED_DM", "NEED_DBIAS"],
+    "norm": ["d_out", "r"],
+}
+_tuned_cache: Dict[tuple, object] = {}
+
+
+def _tuned(name: str):
+    """The autotuned wrapper of kernel ``name`` for the current config list."""
+    raw = _kernels()[name]
+    interp = _interpreting()
+    comprehensive = _autotune_comprehensive()
+    key = (name, interp, comprehensive)
+    if key not in _tuned_cache:
+        configs = _interpreter_configs()[name] if interp else _autotune_configs(comprehensive)[name]
+        prune = _prune_norm if name == "norm" else _prune_compose
+        _tuned_cache[key] = triton.autotune(
+            configs=configs, key=_AUTOTUNE_KEYS[name], prune_configs_by={"early_config_prune": prune}
+        )(raw)
+    return _tuned_cache[key]
+
+
+# ---------------------------------------------------------------------------
+# Launchers: shapes, strides, grids. No user-input validation here.
+# ---------------------------------------------------------------------------
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if not _triton_importable():
+        raise RuntimeError("dorafactors fused kernels need Triton (pip install triton); it is not importable")
+    if t.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"fused DoRA kernels need CUDA tensors, got device {t.device}; "
+            "set TRITON_INTERPRET=1 to run them on CPU through Triton's interpreter"
+        )
+
+
+def _acc_of(dtype: torch.dtype):
+    return (tl.float64, True) if dtype == torch.float64 else (tl.float32, False)
+
+
+def _rows(x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``x`` [..., d_out] as [T, d_out] with unit column stride (copies only when needed)."""
+    x2 = x.reshape(-1, d_out)
+    if d_out > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _vec(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).contiguous()
+
+
+def _t_bucket(T: int) -> int:
+    return min(_next_pow2(max(T, 1)), 1 << 16)
+
+
+def _launch_compose_fwd(
+    base2d, lora2d, m, n, s, bias, write_v, *, out=None, v=None, block_t=None, block_d=None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """out [T, d_out] (base dtype) and, if ``write_v``, v = base + s·lora [T, d_out]."""
+    _check_runnable(base2d)
+    T, d_out = base2d.shape
+    if out is None:
+        out = torch.empty((T, d_out), dtype=base2d.dtype, device=base2d.device)
+    if write_v and v is None:
+        v = torch.empty((T, d_out), dtype=base2d.dtype, device=base2d.device)
+    if T == 0 or d_out == 0:
+        return out, v
+    _kernels()
+    acc, is64 = _acc_of(compute_dtype(base2d, lora2d, m, n, bias))
+    m1, n1 = _vec(m), _vec(n)
+    b1 = _vec(bias) if bias is not None else m1
+    v_arg = v if write_v else out
+    args = (base2d, lora2d, m1, n1, b1, out, v_arg, T, d_out,
+            base2d.stride(0), lora2d.stride(0), out.stride(0), v_arg.stride(0), float(s), _t_bucket(T))
+    consts = dict(HAS_BIAS=bias is not None, WRITE_V=bool(write_v), ACC=acc, IS_FP64=is64)
+    if block_t is not None:
+        grid = (triton.cdiv(T, block_t), triton.cdiv(d_out, block_d))
+        _kernels()["compose_fwd"][grid](*args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
+    else:
+        grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), triton.cdiv(d_out, META["BLOCK_D"]))  # noqa: E731
+        _tuned("compose_fwd")[grid](*args, **consts)
+    return out, (v if write_v else None)
+
+
+def _default_t_chunk(T: int) -> int:
+    # ~32-64 chunks of T: enough programs to fill the GPU, and a tiny [chunks, d_out] partial.
+    return 64 * triton.cdiv(max(128, triton.cdiv(T, 64)), 64)
+
+
+def _launch_compose_bwd(
+    dy2d, saved2d, m, n, s, *, saved_is_out, need_dbase, need_dlora, need_dm, need_dbias,
+    lora_dtype, acc_dtype, d_base=None, d_lora=None, block_t=None, block_d=None, t_chunk=None,
+):
+    """(d_base [T, d_out] in dy dtype, d_lora [T, d_out] in lora dtype, d_m [d_out], d_bias [d_out])
+    with d_m, d_bias in ``acc_dtype``; entries not asked for are None."""
+    _check_runnable(dy2d)
+    T, d_out = dy2d.shape
+    dev = dy2d.device
+    if need_dbase and d_base is None:
+        d_base = torch.empty((T, d_out), dtype=dy2d.dtype, device=dev)
+    if need_dlora and d_lora is None:
+        d_lora = torch.empty((T, d_out), dtype=lora_dtype, device=dev)
+    d_m = d_bias = None
+    if T == 0 or d_out == 0:
+        if need_dm:
+            d_m = torch.zeros(d_out, dtype=acc_dtype, device=dev)
+        if need_dbias:
+            d_bias = torch.zeros(d_out, dtype=acc_dtype, device=dev)
+        return (d_base if need_dbase else None, d_lora if need_dlora else None, d_m, d_bias)
+    _kernels()
+    acc, is64 = _acc_of(acc_dtype)
+    t_chunk = int(t_chunk) if t_chunk is not None else _default_t_chunk(T)
+    n_chunks = triton.cdiv(T, t_chunk)
+    m1, n1 = _vec(m), _vec(n)
+    pdm = torch.empty((n_chunks, d_out), dtype=acc_dtype, device=dev) if need_dm else m1
+    pdb = torch.empty((n_chunks, d_out), dtype=acc_dtype, device=dev) if need_dbias else m1
+    sv = saved2d if need_dm else dy2d
+    dbase_arg = d_base if need_dbase else dy2d
+    dlora_arg = d_lora if need_dlora else dy2d
+    args = (dy2d, sv, m1, n1, dbase_arg, dlora_arg, pdm, pdb, T, d_out, t_chunk,
+            dy2d.stride(0), sv.stride(0), dbase_arg.stride(0), dlora_arg.stride(0), float(s), _t_bucket(T))
+    consts = dict(NEED_DBASE=bool(need_dbase), NEED_DLORA=bool(need_dlora), NEED_DM=bool(need_dm),
+                  NEED_DBIAS=bool(need_dbias), ACC=acc, IS_FP64=is64)
+    if block_t is not None:
+        _kernels()["compose_bwd"][(triton.cdiv(d_out, block_d), n_chunks)](
+            *args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
+    else:
+        grid = lambda META: (triton.cdiv(d_out, META["BLOCK_D"]), n_chunks)  # noqa: E731
+        _tuned("compose_bwd")[grid](*args, **consts)
+    if need_dm:
+        # The tiny reduction over T chunks; v/n = out/m when out was saved (bias None).
+        d_m = pdm.sum(0).div_((m1 if saved_is_out else n1).to(acc_dtype))
+    if need_dbias:
+        d_bias = pdb.sum(0)
+    return (d_base if need_dbase else None, d_lora if need_dlora else None, d_m, d_bias)
+
+
+def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None, block_d=None, block_r=None):
+    """(n, g) [d_out] in fp32 (fp64 if any input is fp64)."""
+    _check_runnable(B)
+    d_out, r = B.shape
+    acc_dtype = compute_dtype(base_sq, U, B, G, m)
+    dev = B.device
+    n_out = torch.empty(d_out, dtype=acc_dtype, device=dev) if n_out is None else n_out
+    g_out = torch.empty(d_out, dtype=acc_dtype, device=dev) if g_out is None else g_out
+    if d_out == 0:
+        return n_out, g_out
+    _kernels()
+    acc, is64 = _acc_of(acc_dtype)
+    base1, m1 = _vec(base_sq), _vec(m)
+    if r == 0:  # no low-rank term: never dereference the empty factors
+        U2 = B2 = G2 = base1.reshape(d_out, 1)
+        su = sb = sg = 1
+    else:
+        U2, B2, G2 = _rows(U, r), _rows(B, r), _rows(G, r)
+        su, sb, sg = U2.stride(0), B2.stride(0), G2.stride(0)
+    if B.dtype == G.dtype and B.dtype in (torch.bfloat16, torch.float16):
+        dot = tl.bfloat16 if B.dtype == torch.bfloat16 else tl.float16
+    else:
+        dot = acc
+    args = (base1, U2, B2, G2, m1, n_out, g_out, d_out, r, su, sb, sg, float(s), float(eps))
+    consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=_NORM_DOT_PRECISION)
+    if block_d is not None:
+        _kernels()["norm"][(triton.cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
+    else:
+        _tuned("norm")[lambda META: (triton.cdiv(d_out, META["BLOCK_D"]),)](*args, **consts)
+    return n_out, g_out
+
+
+# ---------------------------------------------------------------------------
+# Custom ops (torch.compile sees opaque ops with fake impls) and the autograd formula
+# ---------------------------------------------------------------------------
+
+
+def _compose_fwd_impl(base, lora, m, n, s, bias, save_mode):
+    d_out = base.shape[-1]
+    out2d, v2d = _launch_compose_fwd(_rows(base, d_out), _rows(lora, d_out), m, n, s, bias, save_mode == SAVE_V)
+    out = out2d.view(base.shape)
+    v = v2d.view(base.shape) if v2d is not None else base.new_empty(0)
+    return out, v
+
+
+def _compose_bwd_impl(dy, saved, m, n, s, save_mode, need_dbase, need_dlora, need_dm, need_dbias,
+                      lora_dtype, acc_dtype):
+    d_out = dy.shape[-1]
+    saved2d = _rows(saved, d_out) if (need_dm and saved is not None) else None
+    d_base, d_lora, d_m, d_bias = _launch_compose_bwd(
+        _rows(dy, d_out), saved2d, m, n, s, saved_is_out=save_mode == SAVE_OUT, need_dbase=need_dbase,
+        need_dlora=need_dlora, need_dm=need_dm, need_dbias=need_dbias, lora_dtype=lora_dtype, acc_dtype=acc_dtype)
+    empty = dy.new_empty(0)
+    return (
+        d_base.view(dy.shape) if d_base is not None else empty,
+        d_lora.view(dy.shape) if d_lora is not None else empty.to(lora_dtype),
+        d_m if d_m is not None else empty.to(acc_dtype),
+        d_bias if d_bias is not None else empty.to(acc_dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    base, lora, m, n, s, bias, save_mode = inputs
+    out, v = output
+    ctx.s = s
+    ctx.save_mode = save_mode
+    ctx.lora_dtype = lora.dtype
+    ctx.acc_dtype = compute_dtype(base, lora, m, n, bias)
+    ctx.m_meta = (m.shape, m.dtype)
+    ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+    saved = v if save_mode == SAVE_V else (out if save_mode == SAVE_OUT else None)
+    ctx.save_for_backward(m, n, saved)
+
+
+def _backward(ctx, dy, *unused):
+    m, n, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dm = bool(need[2])
+    if need_dm and saved is None:
+        raise RuntimeError("dora_compose: m needs a gradient but the forward ran without saving for it")
+    need_dbias = ctx.bias_meta is not None and bool(need[5])
+    d_base, d_lora, d_m, d_bias = torch.ops.dorafactors.dora_compose_bwd(
+        dy, saved, m, n, ctx.s, ctx.save_mode, bool(need[0]), bool(need[1]), need_dm, need_dbias,
+        ctx.lora_dtype, ctx.acc_dtype)
+    return (
+        d_base if need[0] else None,
+        d_lora if need[1] else None,
+        d_m.to(ctx.m_meta[1]).reshape(ctx.m_meta[0]) if need_dm else None,
+        None,
+        None,
+        d_bias.to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]) if need_dbias else None,
+        None,
+    )
+
+
+def _register_ops() -> None:
+    try:  # another copy of this file (dorafactors / peft.tuners.lora) already registered them
+        torch.ops.dorafactors.dora_compose_fwd
+        return
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("dorafactors::dora_compose_fwd", mutates_args=())
+    def dora_compose_fwd(
+        base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
+        bias: Optional[torch.Tensor], save_mode: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _compose_fwd_impl(base, lora, m, n, s, bias, save_mode)
+
+    @dora_compose_fwd.register_fake
+    def _(base, lora, m, n, s, bias, save_mode):
+        return base.new_empty(base.shape), base.new_empty(base.shape if save_mode == SAVE_V else (0,))
+
+    @torch.library.custom_op("dorafactors::dora_compose_bwd", mutates_args=())
+    def dora_compose_bwd(
+        dy: torch.Tensor, saved: Optional[torch.Tensor], m: torch.Tensor, n: torch.Tensor, s: float,
+        save_mode: int, need_dbase: bool, need_dlora: bool, need_dm: bool, need_dbias: bool,
+        lora_dtype: torch.dtype, acc_dtype: torch.dtype,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _compose_bwd_impl(dy, saved, m, n, s, save_mode, need_dbase, need_dlora, need_dm, need_dbias,
+                                 lora_dtype, acc_dtype)
+
+    @dora_compose_bwd.register_fake
+    def _(dy, saved, m, n, s, save_mode, need_dbase, need_dlora, need_dm, need_dbias, lora_dtype, acc_dtype):
+        d_out = dy.shape[-1]
+        return (
+            dy.new_empty(dy.shape if need_dbase else (0,)),
+            dy.new_empty(dy.shape if need_dlora else (0,), dtype=lora_dtype),
+            dy.new_empty((d_out,) if need_dm else (0,), dtype=acc_dtype),
+            dy.new_empty((d_out,) if need_dbias else (0,), dtype=acc_dtype),
+        )
+
+    dora_compose_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+    @torch.library.custom_op("dorafactors::dora_norm_assembly", mutates_args=())
+    def dora_norm_assembly_op(
+        base_sq: torch.Tensor, U: torch.Tensor, B: torch.Tensor, G: torch.Tensor, s: float,
+        m: torch.Tensor, eps: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _launch_norm_assembly(base_sq, U, B, G, s, m, eps)
+
+    @dora_norm_assembly_op.register_fake
+    def _(base_sq, U, B, G, s, m, eps):
+        acc = compute_dtype(base_sq, U, B, G, m)
+        d_out = B.shape[0]
+        return B.new_empty((d_out,), dtype=acc), B.new_empty((d_out,), dtype=acc)
+
+
+_register_ops()
+
+
+class FusedDoraCompose(torch.autograd.Function):
+    """``out = (m / n) ⊙ (base + s·lora) + bias`` with the fused Triton forward and backward.
+
+    ``apply(base, lora, m, n, s, bias, save_out_for_mag_grad)``; unvalidated:
+    prefer :func:`dora_compose`, which also stays whole under ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(ctx, base, lora, m, n, s, bias, save_out_for_mag_grad):
+        if ctx.needs_input_grad[2]:
+            save_mode = SAVE_OUT if save_out_for_mag_grad else SAVE_V
+        else:
+            save_mode = SAVE_NONE
+        out, v = _compose_fwd_impl(base, lora, m, n, s, bias, save_mode)
+        _setup_context(ctx, (base, lora, m, n, s, bias, save_mode), (out, v))
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy)
+
+
+# ---------------------------------------------------------------------------
+# Validated public entries
+# ---------------------------------------------------------------------------
+
+
+def _check_tensor(fn: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _SUPPORTED_DTYPES:
+        accepted = ", ".join(str(d) for d in _SUPPORTED_DTYPES)
+        raise TypeError(f"{fn}: `{name}` has dtype {t.dtype}; accepted dtypes: {accepted}")
+
+
+def _check_numel(fn: str, name: str, t: torch.Tensor, d_out: int) -> None:
+    if t.numel() != d_out:
+        raise ValueError(f"{fn}: `{name}` has shape {tuple(t.shape)} ({t.numel()} elements); expected d_out={d_out}")
+
+
+def _check_number(fn: str, name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{fn}: `{name}` must be a Python float or int, got {type(x).__name__}")
+
+
+def _check_devices(fn: str, named: List[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise ValueError(
+                f"{fn}: `{name}` is on {t.device} but `{first_name}` is on {first.device}; all inputs must share one device"
+            )
+
+
+def dora_compose(
+    base: torch.Tensor,
+    lora: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    s: float,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    save_out_for_mag_grad: bool = False,
+) -> torch.Tensor:
+    """Fused DoRA compose: ``out = (m / n) ⊙ (base + s·lora) + bias``.
+
+    base, lora: [..., d_out] (same shape; fp16/bf16/fp32/fp64, may differ);
+    m: [d_out] magnitude; n: [d_out] row norm, already clamped >= eps, treated
+    as a constant; bias: optional [d_out]; s: Python float. Returns ``out``
+    [..., d_out] in ``base.dtype``, computed in fp32 and rounded once.
+
+    Backward gives d_base, d_lora, d_m and d_bias from one pass over dy. For
+    d_m the forward keeps ``v = base + s·lora`` [..., d_out]; with
+    ``save_out_for_mag_grad=True`` it keeps nothing new and recovers
+    ``v / n = out / m`` from the output instead, which the caller may ask for
+    only when ``bias is None`` and no ``m_i == 0``. When m needs no gradient
+    nothing of size [..., d_out] is saved. Under ``save_out_for_mag_grad``,
+    modifying ``out`` in place before backward is an error (autograd checks).
+    """
+    fn = "dora_compose"
+    for name, t in (("base", base), ("lora", lora), ("m", m), ("n", n)):
+        _check_tensor(fn, name, t)
+    if bias is not None:
+        _check_tensor(fn, "bias", bias)
+    _check_number(fn, "s", s)
+    if base.dim() < 1:
+        raise ValueError(f"{fn}: `base` must have at least one dimension [..., d_out], got a scalar")
+    if lora.shape != base.shape:
+        raise ValueError(f"{fn}: `lora` has shape {tuple(lora.shape)} but `base` has {tuple(base.shape)}; they must match")
+    d_out = base.shape[-1]
+    _check_numel(fn, "m", m, d_out)
+    _check_numel(fn, "n", n, d_out)
+    if bias is not None:
+        _check_numel(fn, "bias", bias, d_out)
+    _check_devices(fn, [("base", base), ("lora", lora), ("m", m), ("n", n), ("bias", bias)])
+    if not isinstance(save_out_for_mag_grad, bool):
+        raise TypeError(f"{fn}: `save_out_for_mag_grad` must be a bool, got {type(save_out_for_mag_grad).__name__}")
+    if save_out_for_mag_grad and bias is not None:
+        raise ValueError(f"{fn}: save_out_for_mag_grad=True needs bias=None (out - bias loses v's precision)")
+    n = n.detach()
+    if m.requires_grad and torch.is_grad_enabled():
+        save_mode = SAVE_OUT if save_out_for_mag_grad else SAVE_V
+    else:
+        save_mode = SAVE_NONE
+    out, _ = torch.ops.dorafactors.dora_compose_fwd(base, lora, m, n, float(s), bias, save_mode)
+    return out
+
+
+def dora_norm_assembly(
+    base_sq: torch.Tensor,
+    U: torch.Tensor,
+    B: torch.Tensor,
+    G: torch.Tensor,
+    s: float,
+    m: torch.Tensor,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row norm of ``W + s·B·A`` from factored terms, in one kernel: returns ``(n, g)``.
+
+    base_sq: [d_out] (= ‖W_i‖²); U: [d_out, r] (= W·Aᵀ); B: [d_out, r];
+    G: [r, r] (= A·Aᵀ, symmetric: only its upper block triangle is read);
+    m: [d_out]; s: float; eps: float > 0.
+    ``n = max(sqrt(max(base_sq + 2s·Σ_j B_ij U_ij + s²·Σ_j (B G)_ij B_ij, 0)), eps)``
+    and ``g = m / n``, both [d_out] fp32 (fp64 if any input is fp64), detached.
+    """
+    fn = "dora_norm_assembly"
+    for name, t in (("base_sq", base_sq), ("U", U), ("B", B), ("G", G), ("m", m)):
+        _check_tensor(fn, name, t)
+    _check_number(fn, "s", s)
+    _check_number(fn, "eps", eps)
+    if not (eps > 0 and eps < float("inf")):
+        raise ValueError(f"{fn}: `eps` must be a finite number > 0, got {eps}")
+    if B.dim() != 2:
+        raise ValueError(f"{fn}: `B` must be [d_out, r], got shape {tuple(B.shape)}")
+    d_out, r = B.shape
+    if U.shape != B.shape:
+        raise ValueError(f"{fn}: `U` has shape {tuple(U.shape)}; expected [d_out, r] = {tuple(B.shape)} like `B`")
+    if G.shape != (r, r):
+        raise ValueError(f"{fn}: `G` has shape {tuple(G.shape)}; expected [r, r] = ({r}, {r})")
+    _check_numel(fn, "base_sq", base_sq, d_out)
+    _check_numel(fn, "m", m, d_out)
+    _check_devices(fn, [("B", B), ("base_sq", base_sq), ("U", U), ("G", G), ("m", m)])
+    return torch.ops.dorafactors.dora_norm_assembly(
+        base_sq.detach(), U.detach(), B.detach(), G.detach(), float(s), m.detach(), float(eps)
+    )
