@@ -388,6 +388,7 @@ class DoraLinearLayer(nn.Module):
                 base_layer = deepcopy(base_layer)
             weight = dequantize_module_weight(base_layer)
             mag_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+            # the true norm (no eps clamp): m starts exactly where upstream's does
             norm = self._init_norm(weight.to(lora_A.device), lora_A, lora_B, scaling)
         norm = norm.to(mag_dtype)
         if place_on_cpu:
@@ -396,7 +397,7 @@ class DoraLinearLayer(nn.Module):
         self._norm_cache.clear()
 
     def _init_norm(self, weight, lora_A, lora_B, scaling) -> torch.Tensor:
-        return factored_row_norm(self._weight_rows(weight), lora_A, lora_B, scaling)
+        return factored_row_norm(self._weight_rows(weight), lora_A, lora_B, scaling, eps=0.0)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -476,7 +477,7 @@ class _DoraConvNdLayer(DoraLinearLayer):
 
     def _init_norm(self, weight, lora_A, lora_B, scaling):
         A, B = self._factors(lora_A, lora_B)
-        norm = factored_row_norm(self._weight_rows(weight), A, B, scaling)
+        norm = factored_row_norm(self._weight_rows(weight), A, B, scaling, eps=0.0)
         return norm.view((1, -1) + (1,) * (weight.dim() - 2))
 
     def row_norm(self, weight, lora_A, lora_B, scaling):

@@ -1,28 +1,14 @@
 """Fused Triton kernels for DoRA: the compose (forward and backward) and the norm assembly.
 
-Symbols follow DESIGN.md. For one adapted linear layer with base output
-``base = W x`` [T, d_out] (no bias), LoRA output ``lora = B A x`` [T, d_out],
-scaling ``s``, magnitude ``m`` [d_out] and detached row norm ``n`` [d_out]:
-
-    g   = m / n                              (fp32, inside the kernel)
-    out = g ⊙ (base + s·lora) + bias          (fp32, rounded once to base.dtype)
-
-Backward treats ``n`` as a constant (DoRA paper, section 4.3):
-
-    d_base = g ⊙ dy     d_lora = s·g ⊙ dy     d_m_i = Σ_t dy_ti·v_ti / n_i,  v = base + s·lora
-
-The norm assembly turns the factored terms into ``n`` without forming ``B·A``:
-
+Symbols follow DESIGN.md: base = W x, lora = B A x [T, d_out]; s; m, n [d_out]; g = m / n.
+    out = g ⊙ (base + s·lora) + bias                     (fp32, rounded once to base.dtype)
+    d_base = g ⊙ dy,  d_lora = s·g ⊙ dy,  d_m_i = Σ_t dy_ti·(base + s·lora)_ti / n_i   (n constant)
     n_i = max(sqrt(max(‖W_i‖² + 2s·Σ_j B_ij U_ij + s²·Σ_j (B G)_ij B_ij, 0)), eps)
-
-Layout, per op: private ``@triton.jit`` kernels (built lazily, so importing
-this module needs only torch), plain launchers, ``torch.library`` custom ops
-(so ``torch.compile`` traces them without graph breaks) with the autograd
-formula, the ``FusedDoraCompose`` autograd.Function, and one validated
-public entry. Pure-PyTorch twins live in ``dora_fused_naive``.
-
-Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``), which is how the CPU test-suite exercises them.
+Per op: private ``@triton.jit`` kernels (built on first use: importing this module needs only
+torch), plain launchers, ``torch.library`` custom ops (``torch.compile`` traces them whole) with
+the autograd formula, the ``FusedDoraCompose`` autograd.Function, one validated public entry.
+Pure-PyTorch twins live in ``dora_fused_naive``. Kernels take CUDA tensors, or CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests run them.
 """
 
 import os
@@ -62,9 +48,7 @@ _NORM_DOT_PRECISION = "tf32x3"
 triton = None
 tl = None
 
-# ---------------------------------------------------------------------------
-# Availability and autotune configuration
-# ---------------------------------------------------------------------------
+# -------- Availability and autotune configuration -----------------------------------------------
 
 _triton_state: Dict[str, bool] = {}
 _autotune_override: Optional[bool] = None
@@ -73,12 +57,11 @@ _autotune_override: Optional[bool] = None
 def _triton_importable() -> bool:
     if "ok" not in _triton_state:
         try:
-            import triton as _t  # noqa: F401
-            import triton.language as _tl  # noqa: F401
-
-            _triton_state["ok"] = True
+            import triton.language  # noqa: F401
         except ImportError:
             _triton_state["ok"] = False
+        else:
+            _triton_state["ok"] = True
     return _triton_state["ok"]
 
 
@@ -125,77 +108,79 @@ def _autotune_configs(comprehensive: bool) -> Dict[str, list]:
     Compose kernels are memory-bound tiles of [BLOCK_T, BLOCK_D]; the norm
     kernel tiles [BLOCK_D rows] x [BLOCK_R of r].
     """
+    _load_triton()
     Config = triton.Config
     if not comprehensive:
         compose = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (32, 128, 4), (64, 128, 8), (16, 1024, 8)]
         norm = [(64, 32, 4), (128, 32, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8), (32, 16, 2)]
-        fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in compose]
-        bwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in compose]
-        nrm = [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w) for d, r, w in norm]
-        return {"compose_fwd": fwd, "compose_bwd": bwd, "norm": nrm}
-    tiles = [
-        (t, d, w, st)
-        for t in (4, 8, 16, 32, 64)
-        for d in (64, 128, 256, 512, 1024)
-        for w in (2, 4, 8, 16)
-        for st in (1, 2, 3)
-        if 1024 <= t * d <= 16384 and t * d // (32 * w) >= 4
-    ]
+        tiles = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in compose]
+        return {"compose_fwd": tiles, "compose_bwd": list(tiles),
+                "norm": [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w) for d, r, w in norm]}
+    tiles = [(t, d, w, st) for t in (4, 8, 16, 32, 64) for d in (64, 128, 256, 512, 1024)
+             for w in (2, 4, 8, 16) for st in (1, 2, 3) if 1024 <= t * d <= 16384 and t * d // (32 * w) >= 4]
     fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
-    bwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
-    nrm = [
-        Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w, num_stages=st)
-        for d in (16, 32, 64, 128)
-        for r in (16, 32, 64, 128)
-        for w in (2, 4, 8)
-        for st in (1, 2, 3)
-        if d * r <= 8192
-    ]
-    return {"compose_fwd": fwd, "compose_bwd": bwd, "norm": nrm}
+    nrm = [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w, num_stages=st)
+           for d in (16, 32, 64, 128) for r in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)
+           if d * r <= 8192]
+    return {"compose_fwd": fwd, "compose_bwd": list(fwd), "norm": nrm}
 
 
 def _interpreter_configs() -> Dict[str, list]:
     # The interpreter cannot benchmark; one small config keeps tests fast and still tiles.
+    _load_triton()
     Config = triton.Config
-    return {
-        "compose_fwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
-        "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
-        "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})],
-    }
+    return {"compose_fwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
+            "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})], "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})]}
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def _prune_by_caps(configs, caps):
+    # Drop tiles far larger than the problem, one dimension at a time; never drop all.
+    kept = list(configs)
+    for key, cap in caps:
+        fit = [c for c in kept if c.kwargs[key] <= cap]
+        if fit:
+            kept = fit
+        else:
+            smallest = min(c.kwargs[key] for c in kept)
+            kept = [c for c in kept if c.kwargs[key] == smallest]
+    return kept
+
+
 def _prune_compose(configs, named_args, **kwargs):
-    # Drop tiles far larger than the problem (tiny T or d_out); keep at least one.
-    t_cap = max(8, _next_pow2(named_args["T_BUCKET"]))
-    d_cap = max(64, _next_pow2(named_args["d_out"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= t_cap and c.kwargs["BLOCK_D"] <= d_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
+    return _prune_by_caps(configs, [("BLOCK_T", max(8, _next_pow2(named_args["T_BUCKET"]))),
+                                    ("BLOCK_D", max(64, _next_pow2(named_args["d_out"])))])
 
 
 def _prune_norm(configs, named_args, **kwargs):
-    r_cap = max(16, _next_pow2(named_args["r"]))
-    d_cap = max(16, _next_pow2(named_args["d_out"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_R"] <= r_cap and c.kwargs["BLOCK_D"] <= d_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_D"])]
+    return _prune_by_caps(configs, [("BLOCK_R", max(16, _next_pow2(named_args["r"]))),
+                                    ("BLOCK_D", max(16, _next_pow2(named_args["d_out"])))])
 
 
-# ---------------------------------------------------------------------------
-# Kernels (defined on first use so that importing this module needs only torch)
-# ---------------------------------------------------------------------------
+# -------- Kernels (defined on first use so that importing this module needs only torch) ---------
 
-_kernel_cache: Dict[str, object] = {}
+_kernel_cache: Dict[bool, Dict[str, object]] = {}  # per mode: interpreted or compiled
+
+
+def _load_triton() -> None:
+    """Bind module globals ``triton`` and ``tl`` (the kernels resolve ``tl`` through them)."""
+    global triton, tl
+    if tl is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
 
 
 def _kernels() -> Dict[str, object]:
-    if _kernel_cache:
-        return _kernel_cache
-    global triton, tl
-    import triton
-    import triton.language as tl
+    """The raw kernels; ``triton.jit`` picks interpreter or compiler when they are defined."""
+    mode = _interpreting()
+    if mode in _kernel_cache:
+        return _kernel_cache[mode]
+    _load_triton()
 
     @triton.jit
     def _compose_fwd_kernel(
@@ -317,8 +302,9 @@ def _kernels() -> Dict[str, object]:
         tl.store(n_ptr + rows, n, mask=rmask)
         tl.store(g_ptr + rows, g, mask=rmask)
 
-    _kernel_cache.update(compose_fwd=_compose_fwd_kernel, compose_bwd=_compose_bwd_kernel, norm=_norm_assembly_kernel)
-    return _kernel_cache
+    _kernel_cache[mode] = dict(compose_fwd=_compose_fwd_kernel, compose_bwd=_compose_bwd_kernel,
+                               norm=_norm_assembly_kernel)
+    return _kernel_cache[mode]
 
 
 _AUTOTUNE_KEYS = {
@@ -344,9 +330,7 @@ def _tuned(name: str):
     return _tuned_cache[key]
 
 
-# ---------------------------------------------------------------------------
-# Launchers: shapes, strides, grids. No user-input validation here.
-# ---------------------------------------------------------------------------
+# -------- Launchers: shapes, strides, grids. No user-input validation here. ---------------------
 
 
 def _check_runnable(t: torch.Tensor) -> None:
@@ -480,12 +464,15 @@ def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None
     else:
         U2, B2, G2 = _rows(U, r), _rows(B, r), _rows(G, r)
         su, sb, sg = U2.stride(0), B2.stride(0), G2.stride(0)
-    if B.dtype == G.dtype and B.dtype in (torch.bfloat16, torch.float16):
+    # bf16/fp16 factors go to tensor cores as they are (exact products, fp32 sums). Triton's
+    # interpreter multiplies bf16 as raw integers, so there the dot runs in fp32.
+    if B.dtype == G.dtype and B.dtype in (torch.bfloat16, torch.float16) and not _interpreting():
         dot = tl.bfloat16 if B.dtype == torch.bfloat16 else tl.float16
     else:
         dot = acc
+    precision = _NORM_DOT_PRECISION if dot == tl.float32 else "ieee"
     args = (base1, U2, B2, G2, m1, n_out, g_out, d_out, r, su, sb, sg, float(s), float(eps))
-    consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=_NORM_DOT_PRECISION)
+    consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=precision)
     if block_d is not None:
         _kernels()["norm"][(triton.cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
     else:
@@ -493,9 +480,7 @@ def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None
     return n_out, g_out
 
 
-# ---------------------------------------------------------------------------
-# Custom ops (torch.compile sees opaque ops with fake impls) and the autograd formula
-# ---------------------------------------------------------------------------
+# -------- Custom ops (torch.compile sees opaque ops with fake impls) and the autograd formula ----
 
 
 def _compose_fwd_impl(base, lora, m, n, s, bias, save_mode):
@@ -513,12 +498,12 @@ def _compose_bwd_impl(dy, saved, m, n, s, save_mode, need_dbase, need_dlora, nee
     d_base, d_lora, d_m, d_bias = _launch_compose_bwd(
         _rows(dy, d_out), saved2d, m, n, s, saved_is_out=save_mode == SAVE_OUT, need_dbase=need_dbase,
         need_dlora=need_dlora, need_dm=need_dm, need_dbias=need_dbias, lora_dtype=lora_dtype, acc_dtype=acc_dtype)
-    empty = dy.new_empty(0)
+    # Outputs not asked for are fresh empty tensors (custom-op outputs may not alias).
     return (
-        d_base.view(dy.shape) if d_base is not None else empty,
-        d_lora.view(dy.shape) if d_lora is not None else empty.to(lora_dtype),
-        d_m if d_m is not None else empty.to(acc_dtype),
-        d_bias if d_bias is not None else empty.to(acc_dtype),
+        d_base.view(dy.shape) if d_base is not None else dy.new_empty(0),
+        d_lora.view(dy.shape) if d_lora is not None else dy.new_empty(0, dtype=lora_dtype),
+        d_m if d_m is not None else dy.new_empty(0, dtype=acc_dtype),
+        d_bias if d_bias is not None else dy.new_empty(0, dtype=acc_dtype),
     )
 
 
@@ -535,14 +520,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(m, n, saved)
 
 
-def _backward(ctx, dy, *unused):
+def _backward(ctx, dy, *unused, bwd=None):
     m, n, saved = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dm = bool(need[2])
     if need_dm and saved is None:
         raise RuntimeError("dora_compose: m needs a gradient but the forward ran without saving for it")
     need_dbias = ctx.bias_meta is not None and bool(need[5])
-    d_base, d_lora, d_m, d_bias = torch.ops.dorafactors.dora_compose_bwd(
+    d_base, d_lora, d_m, d_bias = (bwd or torch.ops.dorafactors.dora_compose_bwd)(
         dy, saved, m, n, ctx.s, ctx.save_mode, bool(need[0]), bool(need[1]), need_dm, need_dbias,
         ctx.lora_dtype, ctx.acc_dtype)
     return (
@@ -574,6 +559,8 @@ def _register_ops() -> None:
     def _(base, lora, m, n, s, bias, save_mode):
         return base.new_empty(base.shape), base.new_empty(base.shape if save_mode == SAVE_V else (0,))
 
+    dora_compose_fwd.register_autograd(_backward, setup_context=_setup_context)
+
     @torch.library.custom_op("dorafactors::dora_compose_bwd", mutates_args=())
     def dora_compose_bwd(
         dy: torch.Tensor, saved: Optional[torch.Tensor], m: torch.Tensor, n: torch.Tensor, s: float,
@@ -593,8 +580,6 @@ def _register_ops() -> None:
             dy.new_empty((d_out,) if need_dbias else (0,), dtype=acc_dtype),
         )
 
-    dora_compose_fwd.register_autograd(_backward, setup_context=_setup_context)
-
     @torch.library.custom_op("dorafactors::dora_norm_assembly", mutates_args=())
     def dora_norm_assembly_op(
         base_sq: torch.Tensor, U: torch.Tensor, B: torch.Tensor, G: torch.Tensor, s: float,
@@ -605,8 +590,7 @@ def _register_ops() -> None:
     @dora_norm_assembly_op.register_fake
     def _(base_sq, U, B, G, s, m, eps):
         acc = compute_dtype(base_sq, U, B, G, m)
-        d_out = B.shape[0]
-        return B.new_empty((d_out,), dtype=acc), B.new_empty((d_out,), dtype=acc)
+        return B.new_empty((B.shape[0],), dtype=acc), B.new_empty((B.shape[0],), dtype=acc)
 
 
 _register_ops()
@@ -631,12 +615,10 @@ class FusedDoraCompose(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy)
+        return _backward(ctx, dy, bwd=_compose_bwd_impl)
 
 
-# ---------------------------------------------------------------------------
-# Validated public entries
-# ---------------------------------------------------------------------------
+# -------- Validated public entries --------------------------------------------------------------
 
 
 def _check_tensor(fn: str, name: str, t) -> None:
@@ -666,16 +648,8 @@ def _check_devices(fn: str, named: List[Tuple[str, Optional[torch.Tensor]]]) -> 
             )
 
 
-def dora_compose(
-    base: torch.Tensor,
-    lora: torch.Tensor,
-    m: torch.Tensor,
-    n: torch.Tensor,
-    s: float,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    save_out_for_mag_grad: bool = False,
-) -> torch.Tensor:
+def dora_compose(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
+                 bias: Optional[torch.Tensor] = None, *, save_out_for_mag_grad: bool = False) -> torch.Tensor:
     """Fused DoRA compose: ``out = (m / n) ⊙ (base + s·lora) + bias``.
 
     base, lora: [..., d_out] (same shape; fp16/bf16/fp32/fp64, may differ);
@@ -711,24 +685,18 @@ def dora_compose(
         raise TypeError(f"{fn}: `save_out_for_mag_grad` must be a bool, got {type(save_out_for_mag_grad).__name__}")
     if save_out_for_mag_grad and bias is not None:
         raise ValueError(f"{fn}: save_out_for_mag_grad=True needs bias=None (out - bias loses v's precision)")
-    n = n.detach()
-    if m.requires_grad and torch.is_grad_enabled():
-        save_mode = SAVE_OUT if save_out_for_mag_grad else SAVE_V
-    else:
-        save_mode = SAVE_NONE
-    out, _ = torch.ops.dorafactors.dora_compose_fwd(base, lora, m, n, float(s), bias, save_mode)
-    return out
+    n, s = n.detach(), float(s)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, lora, m, bias))
+    if torch.compiler.is_compiling():  # the custom op: one opaque node for dynamo / AOTAutograd
+        save_mode = (SAVE_OUT if save_out_for_mag_grad else SAVE_V) if grad and m.requires_grad else SAVE_NONE
+        return torch.ops.dorafactors.dora_compose_fwd(base, lora, m, n, s, bias, save_mode)[0]
+    if grad:  # eager: the same launchers with less dispatch overhead than the custom op
+        return FusedDoraCompose.apply(base, lora, m, n, s, bias, save_out_for_mag_grad)
+    return _compose_fwd_impl(base, lora, m, n, s, bias, SAVE_NONE)[0]
 
 
-def dora_norm_assembly(
-    base_sq: torch.Tensor,
-    U: torch.Tensor,
-    B: torch.Tensor,
-    G: torch.Tensor,
-    s: float,
-    m: torch.Tensor,
-    eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def dora_norm_assembly(base_sq: torch.Tensor, U: torch.Tensor, B: torch.Tensor, G: torch.Tensor, s: float,
+                       m: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row norm of ``W + s·B·A`` from factored terms, in one kernel: returns ``(n, g)``.
 
     base_sq: [d_out] (= ‖W_i‖²); U: [d_out, r] (= W·Aᵀ); B: [d_out, r];
