@@ -558,18 +558,30 @@ def test_autotune_config_lists():
     assert F._prune_norm(small["norm"], {"r": 1, "d_out": 1})
 
 
-def test_autotune_comprehensive_flag(monkeypatch):
+@pytest.mark.parametrize("raw, expect", [(None, False), ("0", False), ("1", True), ("yes", ValueError),
+                                         ("true", ValueError), (" 1", ValueError)])
+def test_autotune_comprehensive_env(monkeypatch, raw, expect):
+    monkeypatch.setattr(F, "_autotune_override", None)  # as before the first launch: env not read yet
+    if raw is None:
+        monkeypatch.delenv("DORA_AUTOTUNE_COMPREHENSIVE", raising=False)
+    else:
+        monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", raw)
+    if expect is ValueError:
+        with pytest.raises(ValueError, match=r"DORA_AUTOTUNE_COMPREHENSIVE=.* is invalid; accepted values: '0', '1'"):
+            F._autotune_comprehensive()
+    else:
+        assert F._autotune_comprehensive() is expect
+        monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", "1" if not expect else "0")
+        assert F._autotune_comprehensive() is expect  # read once
+
+
+def test_set_autotune_comprehensive(monkeypatch):
     monkeypatch.setattr(F, "_autotune_override", None)
-    monkeypatch.delenv("DORA_AUTOTUNE_COMPREHENSIVE", raising=False)
-    assert F._autotune_comprehensive() is False
-    monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", "1")
+    F.set_autotune_comprehensive(True)
     assert F._autotune_comprehensive() is True
-    monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", "yes")
-    with pytest.raises(ValueError, match=r"DORA_AUTOTUNE_COMPREHENSIVE='yes' is invalid; accepted values: '0', '1'"):
-        F._autotune_comprehensive()
     F.set_autotune_comprehensive(False)
     assert F._autotune_comprehensive() is False
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expects a bool"):
         F.set_autotune_comprehensive(1)
 
 

@@ -25,8 +25,24 @@ DEFAULT_TARBALL = REPO_ROOT.parent / "shared" / "upstream" / "peft-20a9829.tar.g
 DEST = REPO_ROOT / "vendor" / "upstream-tests"
 FILES = ["tests/test_custom_models.py", "tests/test_lora_variants.py"]
 # DoRA cases of the custom-model suite (their ids say "DoRA"/"dora"), and the variant tests that
-# touch DoRA; nothing that needs a GPU, bitsandbytes or the Hub.
-SELECTION = "(dora or DoRA) and not gpu and not bnb and not hub"
+# touch DoRA; nothing that needs a GPU, bitsandbytes or the Hub (the two named tests download a
+# model from the Hub).
+SELECTION = (
+    "(dora or DoRA) and not gpu and not bnb and not hub"
+    " and not test_gpt2_dora_merge_and_unload and not test_dora_save_and_load_remapping"
+)
+
+
+class _TransformersCompat:
+    """Upstream's ``hub_online_once`` helper mock-patches ``transformers.utils.hub._is_offline_mode``,
+    which newer transformers releases no longer define; the patch then fails before any test code
+    runs. Defining the attribute (False) lets those tests run; it changes nothing else."""
+
+    def pytest_configure(self, config):
+        import transformers.utils.hub as hub
+
+        if not hasattr(hub, "_is_offline_mode"):
+            hub._is_offline_mode = False
 
 
 class _EnableDorafactors:
@@ -59,7 +75,7 @@ def main(argv=None) -> int:
     root = extract(args.tarball)
     import pytest
 
-    plugins = [_EnableDorafactors()] if args.target == "plugin" else []
+    plugins = [_TransformersCompat()] + ([_EnableDorafactors()] if args.target == "plugin" else [])
     pytest_args = [*(str(root / f) for f in FILES), "-k", args.k, "-q", "-p", "no:cacheprovider",
                    "--rootdir", str(root), "-c", str(root / "pytest.ini"), *[a for a in extra if a != "--"]]
     return pytest.main(pytest_args, plugins=plugins)

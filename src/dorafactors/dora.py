@@ -24,6 +24,7 @@ between our modules, absolute ``peft.`` imports for PEFT utilities.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from copy import deepcopy
 from typing import Any, Optional
@@ -46,7 +47,9 @@ __all__ = [
     "DoraLinearLayer",
     "factored_row_norm",
     "dense_row_norm",
+    "fused_unavailable_reason",
     "invalidate_norm_cache",
+    "use_fused_compose",
 ]
 
 DORA_NORM_EPS = 1e-6
@@ -92,6 +95,13 @@ def base_row_sq(weight: torch.Tensor, chunk_bytes: Optional[int] = None) -> torc
     return out
 
 
+def _autocast_off(device: torch.device):
+    """The norm is computed in the precisions we choose, never autocast's."""
+    if device.type in ("cuda", "cpu", "xpu", "mps", "hpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def factored_row_norm(
     weight: torch.Tensor,
@@ -131,7 +141,10 @@ def factored_row_norm(
     chunk_bytes = chunk_bytes or get_config().norm_chunk_bytes
     acc = _accum_dtype(weight, lora_A, lora_B)
     device = weight.device
-    with torch.autocast(device_type=device.type, enabled=False):
+    if device.type == "meta" or lora_A.device.type == "meta" or lora_B.device.type == "meta":
+        # low_cpu_mem_usage: shapes only, the real weights arrive later with load_state_dict
+        return torch.empty(d_out, dtype=acc, device="meta")
+    with _autocast_off(device):
         A = lora_A.detach().to(device)
         B = lora_B.detach().to(device=device, dtype=acc)
         gemm = _gemm_dtype(weight, lora_A)
@@ -163,6 +176,8 @@ def dense_row_norm(
     acc = _accum_dtype(weight, delta)
     d_out, d_in = weight.shape
     out = torch.empty(d_out, dtype=acc, device=weight.device)
+    if weight.device.type == "meta" or delta.device.type == "meta":
+        return out
     step = _rows_per_chunk(d_in, chunk_bytes)
     for start in range(0, d_out, step):
         rows = weight[start : start + step].to(acc) + scaling * delta[start : start + step].to(acc)
@@ -320,6 +335,54 @@ def _compose_delta_chunked(base, lora, magnitude, norm, scaling, chunk_bytes) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Dispatch between eager PyTorch and the fused Triton path
+# ---------------------------------------------------------------------------------------------
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SMALL_BACKWARD_NUMEL = 1 << 16  # below this, launch overhead outweighs the fused backward's savings
+
+
+def _fused_module():
+    """``dora_fused`` imported lazily (nothing needs Triton at import time); ``None`` if it fails."""
+    try:
+        from . import dora_fused
+    except Exception:  # pragma: no cover - a broken Triton install
+        return None
+    return dora_fused
+
+
+def fused_unavailable_reason(result: torch.Tensor) -> Optional[str]:
+    """Why the fused compose cannot run on ``result``'s device and dtype, or ``None`` if it can."""
+    fused = _fused_module()
+    if fused is None or not fused.is_available():
+        return "Triton is not importable or no CUDA device is present"
+    if result.device.type != "cuda" and not (get_config().fused and fused._interpreting()):
+        # CPU tensors run the kernels only when forced under Triton's interpreter (tests)
+        return f"tensors are on {result.device.type}, the kernels need CUDA"
+    if result.dtype not in _FUSED_DTYPES:
+        return f"dtype {result.dtype} is not one of float32, bfloat16, float16"
+    return None
+
+
+def use_fused_compose(result: torch.Tensor, needs_grad: bool) -> bool:
+    """``PEFT_DORA_FUSED``: unset picks Triton where it can run, 1 requires it, 0 forbids it;
+    ``PEFT_DORA_FUSED_BACKWARD`` decides for autograd-recording calls."""
+    cfg = get_config()
+    if cfg.fused is False:
+        return False
+    reason = fused_unavailable_reason(result)
+    if reason is not None:
+        if cfg.fused:
+            raise RuntimeError(f"PEFT_DORA_FUSED=1 requires the fused DoRA path, but it cannot run: {reason}")
+        return False
+    if needs_grad:
+        if cfg.fused_backward is None:
+            return result.numel() >= _SMALL_BACKWARD_NUMEL or bool(cfg.fused)
+        return cfg.fused_backward
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
 
@@ -333,6 +396,8 @@ class DoraLinearLayer(nn.Module):
 
     The magnitude ``m`` [d_out] lives in ``self.weight`` (what PEFT saves as ``lora_magnitude_vector``).
     """
+
+    _fused_compose_supported = True  # the fused compose works on the last (feature) dimension
 
     def __init__(self, fan_in_fan_out: bool):
         super().__init__()
@@ -367,18 +432,19 @@ class DoraLinearLayer(nn.Module):
         cache = self._norm_cache
         if not cfg.norm_cache:
             cache.clear()
-            return factored_row_norm(W, lora_A, lora_B, scaling, chunk_bytes=cfg.norm_chunk_bytes)
+            return self._compute_norm(W, lora_A, lora_B, scaling, None, cfg.norm_chunk_bytes)
         base_key = (_tensor_key(weight), self.fan_in_fan_out)
         if cache.base_key != base_key:
             cache.base_sq = base_row_sq(W.detach(), cfg.norm_chunk_bytes)
             cache.base_key = base_key
         norm_key = (base_key, _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), _global_epoch)
         if cache.norm_key != norm_key:
-            cache.norm = factored_row_norm(
-                W, lora_A, lora_B, scaling, base_sq=cache.base_sq, chunk_bytes=cfg.norm_chunk_bytes
-            )
+            cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
             cache.norm_key = norm_key
         return cache.norm
+
+    def _compute_norm(self, W, A, B, scaling, base_sq, chunk_bytes, eps=DORA_NORM_EPS) -> torch.Tensor:
+        return factored_row_norm(W, A, B, scaling, base_sq=base_sq, chunk_bytes=chunk_bytes, eps=eps)
 
     def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False) -> None:
         """Initialise ``m`` to the row norm of ``W + s·B·A`` (``A``, ``B`` given as weight tensors)."""
@@ -436,6 +502,51 @@ class DoraLinearLayer(nn.Module):
             delta = _compose_delta_eager(base, lora_out, self.weight, norm, scaling, -1)
         return delta.to(out_dtype)
 
+    def _magnitude_has_no_zero(self) -> bool:
+        """Whether every ``m_i != 0`` (one device sync per change of ``m``, cached on its version)."""
+        key = (_tensor_key(self.weight), _global_epoch)
+        if getattr(self, "_mag_key", None) != key:
+            self._mag_nonzero = bool((self.weight != 0).all())
+            self._mag_key = key
+        return self._mag_nonzero
+
+    def forward_output(
+        self, x, result, *, lora_A, lora_B, scaling, base_layer, dropout_active: bool, adapter_name=None
+    ) -> torch.Tensor:
+        """The adapted layer's whole output from the running ``result`` [..., d_out] (with bias).
+
+        What our variant calls: with the fused path one Triton pass reads ``result`` and the LoRA
+        output and writes ``g ⊙ (result − bias + s·lora) + bias``; otherwise ``result + delta``.
+        ``x`` is already dropped out when ``dropout_active``.
+        """
+        if not self._fused_compose_supported:
+            return result + self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
+                                         base_result=None if dropout_active else result,
+                                         adapter_name=adapter_name).to(result.dtype)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or any(p.requires_grad for p in lora_B.parameters())
+        )
+        if not use_fused_compose(result, needs_grad):
+            base_result = None if dropout_active else result
+            delta = self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
+                                 base_result=base_result, adapter_name=adapter_name)
+            return result + delta.to(result.dtype)
+        from .dora_fused import dora_compose
+
+        weight = dequantize_module_weight(base_layer)
+        A, B = self._factors(lora_A, lora_B)
+        norm = self.row_norm(weight, A, B, scaling)
+        lora_out = lora_B(lora_A(x))
+        if dropout_active:
+            # the base term is W·dropout(x): out = result + g ⊙ (base_d + s·lora) − base_d
+            base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)
+            return result + (dora_compose(base_d, lora_out, self.weight, norm, scaling) - base_d)
+        bias = getattr(base_layer, "bias", None)
+        if bias is None:
+            save_out = self.weight.requires_grad and self._magnitude_has_no_zero()
+            return dora_compose(result, lora_out, self.weight, norm, scaling, save_out_for_mag_grad=save_out)
+        return dora_compose(result - bias, lora_out, self.weight, norm, scaling, bias=bias)
+
     def __repr__(self) -> str:
         return "lora.dora." + super().__repr__()
 
@@ -461,6 +572,8 @@ class DoraEmbeddingLayer(DoraLinearLayer):
 class _DoraConvNdLayer(DoraLinearLayer):
     """DoRA for ``ConvNd``: ``W`` rows are the flattened output filters; ``m`` is [1, out, 1, ...]."""
 
+    _fused_compose_supported = False  # channels are dim 1; the eager compose handles them
+
     def _weight_rows(self, weight):
         return weight.reshape(weight.shape[0], -1)
 
@@ -468,6 +581,14 @@ class _DoraConvNdLayer(DoraLinearLayer):
         A, B = _weight_of(lora_A), _weight_of(lora_B)
         r = A.shape[0]
         return A.reshape(r, -1), B.reshape(-1, r)
+
+    def _compute_norm(self, W, A, B, scaling, base_sq, chunk_bytes, eps=DORA_NORM_EPS):
+        if B.shape[0] == W.shape[0] and A.shape[1] == W.shape[1]:
+            return super()._compute_norm(W, A, B, scaling, base_sq, chunk_bytes, eps)
+        # grouped convs: PEFT defines the delta as (B·A) reshaped to W's shape, which does not
+        # factor by rows; conv weights are small, so take the dense (chunked) norm
+        delta = (B.detach() @ A.detach().to(B.dtype)).reshape(W.shape)
+        return dense_row_norm(W, delta, scaling, chunk_bytes).clamp_min(eps)
 
     def get_weight_norm(self, weight, lora_weight, scaling, adapter_name: Optional[str] = None) -> torch.Tensor:
         W = self._weight_rows(weight)
@@ -477,7 +598,7 @@ class _DoraConvNdLayer(DoraLinearLayer):
 
     def _init_norm(self, weight, lora_A, lora_B, scaling):
         A, B = self._factors(lora_A, lora_B)
-        norm = factored_row_norm(self._weight_rows(weight), A, B, scaling, eps=0.0)
+        norm = self._compute_norm(self._weight_rows(weight), A, B, scaling, None, get_config().norm_chunk_bytes, 0.0)
         return norm.view((1, -1) + (1,) * (weight.dim() - 2))
 
     def row_norm(self, weight, lora_A, lora_B, scaling):

@@ -11,28 +11,17 @@ Pure-PyTorch twins live in ``dora_fused_naive``. Kernels take CUDA tensors, or C
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests run them.
 """
 
+import contextlib
 import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .dora_fused_naive import (
-    compute_dtype,
-    dora_compose_backward_reference,
-    dora_compose_reference,
-    dora_norm_assembly_reference,
-)
+from .dora_fused_naive import (  # noqa: F401 - the twins are re-exported
+    compute_dtype, dora_compose_backward_reference, dora_compose_reference, dora_norm_assembly_reference)
 
-__all__ = [
-    "is_available",
-    "set_autotune_comprehensive",
-    "dora_compose",
-    "dora_norm_assembly",
-    "FusedDoraCompose",
-    "dora_compose_reference",
-    "dora_compose_backward_reference",
-    "dora_norm_assembly_reference",
-]
+__all__ = ["is_available", "set_autotune_comprehensive", "dora_compose", "dora_norm_assembly", "FusedDoraCompose",
+           "dora_compose_reference", "dora_compose_backward_reference", "dora_norm_assembly_reference"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ENV_AUTOTUNE = "DORA_AUTOTUNE_COMPREHENSIVE"
@@ -43,6 +32,9 @@ SAVE_NONE, SAVE_V, SAVE_OUT = 0, 1, 2
 # fp32 x fp32 products in the norm's B·G on tensor cores: 3xTF32 keeps ~fp32
 # accuracy at a fraction of the CUDA-core cost (ignored for bf16/fp16/fp64).
 _NORM_DOT_PRECISION = "tf32x3"
+
+# Compile options: fused multiply-add (one rounding of g·v + bias), stated so Triton does not warn.
+_OPTS = {"enable_fp_fusion": True}
 
 # Filled by _kernels(): the kernels' bodies resolve `tl` through module globals.
 triton = None
@@ -97,9 +89,11 @@ def set_autotune_comprehensive(flag: bool) -> None:
 
 
 def _autotune_comprehensive() -> bool:
-    if _autotune_override is not None:
-        return _autotune_override
-    return _parse_flag(_ENV_AUTOTUNE, os.environ.get(_ENV_AUTOTUNE))
+    """The setter's choice, else ``DORA_AUTOTUNE_COMPREHENSIVE`` parsed once (strictly) on first use."""
+    global _autotune_override
+    if _autotune_override is None:
+        _autotune_override = _parse_flag(_ENV_AUTOTUNE, os.environ.get(_ENV_AUTOTUNE))
+    return _autotune_override
 
 
 def _autotune_configs(comprehensive: bool) -> Dict[str, list]:
@@ -343,6 +337,11 @@ def _check_runnable(t: torch.Tensor) -> None:
         )
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _acc_of(dtype: torch.dtype):
     return (tl.float64, True) if dtype == torch.float64 else (tl.float32, False)
 
@@ -382,19 +381,21 @@ def _launch_compose_fwd(
     v_arg = v if write_v else out
     args = (base2d, lora2d, m1, n1, b1, out, v_arg, T, d_out,
             base2d.stride(0), lora2d.stride(0), out.stride(0), v_arg.stride(0), float(s), _t_bucket(T))
-    consts = dict(HAS_BIAS=bias is not None, WRITE_V=bool(write_v), ACC=acc, IS_FP64=is64)
-    if block_t is not None:
-        grid = (triton.cdiv(T, block_t), triton.cdiv(d_out, block_d))
-        _kernels()["compose_fwd"][grid](*args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
-    else:
-        grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), triton.cdiv(d_out, META["BLOCK_D"]))  # noqa: E731
-        _tuned("compose_fwd")[grid](*args, **consts)
+    consts = dict(HAS_BIAS=bias is not None, WRITE_V=bool(write_v), ACC=acc, IS_FP64=is64, **_OPTS)
+    with _on_device(base2d):
+        if block_t is not None:
+            grid = (triton.cdiv(T, block_t), triton.cdiv(d_out, block_d))
+            _kernels()["compose_fwd"][grid](*args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
+        else:
+            grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), triton.cdiv(d_out, META["BLOCK_D"]))  # noqa: E731
+            _tuned("compose_fwd")[grid](*args, **consts)
     return out, (v if write_v else None)
 
 
 def _default_t_chunk(T: int) -> int:
     # ~32-64 chunks of T: enough programs to fill the GPU, and a tiny [chunks, d_out] partial.
-    return 64 * triton.cdiv(max(128, triton.cdiv(T, 64)), 64)
+    rows = max(128, -(-T // 64))
+    return 64 * -(-rows // 64)
 
 
 def _launch_compose_bwd(
@@ -430,13 +431,14 @@ def _launch_compose_bwd(
     args = (dy2d, sv, m1, n1, dbase_arg, dlora_arg, pdm, pdb, T, d_out, t_chunk,
             dy2d.stride(0), sv.stride(0), dbase_arg.stride(0), dlora_arg.stride(0), float(s), _t_bucket(T))
     consts = dict(NEED_DBASE=bool(need_dbase), NEED_DLORA=bool(need_dlora), NEED_DM=bool(need_dm),
-                  NEED_DBIAS=bool(need_dbias), ACC=acc, IS_FP64=is64)
-    if block_t is not None:
-        _kernels()["compose_bwd"][(triton.cdiv(d_out, block_d), n_chunks)](
-            *args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
-    else:
-        grid = lambda META: (triton.cdiv(d_out, META["BLOCK_D"]), n_chunks)  # noqa: E731
-        _tuned("compose_bwd")[grid](*args, **consts)
+                  NEED_DBIAS=bool(need_dbias), ACC=acc, IS_FP64=is64, **_OPTS)
+    with _on_device(dy2d):
+        if block_t is not None:
+            _kernels()["compose_bwd"][(triton.cdiv(d_out, block_d), n_chunks)](
+                *args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
+        else:
+            grid = lambda META: (triton.cdiv(d_out, META["BLOCK_D"]), n_chunks)  # noqa: E731
+            _tuned("compose_bwd")[grid](*args, **consts)
     if need_dm:
         # The tiny reduction over T chunks; v/n = out/m when out was saved (bias None).
         d_m = pdm.sum(0).div_((m1 if saved_is_out else n1).to(acc_dtype))
@@ -472,11 +474,12 @@ def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None
         dot = acc
     precision = _NORM_DOT_PRECISION if dot == tl.float32 else "ieee"
     args = (base1, U2, B2, G2, m1, n_out, g_out, d_out, r, su, sb, sg, float(s), float(eps))
-    consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=precision)
-    if block_d is not None:
-        _kernels()["norm"][(triton.cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
-    else:
-        _tuned("norm")[lambda META: (triton.cdiv(d_out, META["BLOCK_D"]),)](*args, **consts)
+    consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=precision, **_OPTS)
+    with _on_device(B):
+        if block_d is not None:
+            _kernels()["norm"][(triton.cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
+        else:
+            _tuned("norm")[lambda META: (triton.cdiv(d_out, META["BLOCK_D"]),)](*args, **consts)
     return n_out, g_out
 
 

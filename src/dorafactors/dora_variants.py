@@ -146,20 +146,15 @@ class DoraLinearVariant:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
-        if isinstance(dropout, nn.Identity) or not module.training:
-            base_result = result
-        else:
+        dropout_active = not (isinstance(dropout, nn.Identity) or not module.training)
+        if dropout_active:
             x = dropout(x)
-            base_result = None
-        delta = module.lora_magnitude_vector[active_adapter](
-            x,
-            lora_A=lora_A,
-            lora_B=lora_B,
-            scaling=module.scaling[active_adapter],
-            base_layer=module.get_base_layer(),
-            base_result=base_result,
-            adapter_name=active_adapter,
-        )
+        layer = module.lora_magnitude_vector[active_adapter]
+        kwargs = dict(lora_A=lora_A, lora_B=lora_B, scaling=module.scaling[active_adapter],
+                      base_layer=module.get_base_layer(), adapter_name=active_adapter)
+        if hasattr(layer, "forward_output"):  # ours: may take the fused path
+            return layer.forward_output(x, result, dropout_active=dropout_active, **kwargs)
+        delta = layer(x, base_result=None if dropout_active else result, **kwargs)
         return result + delta.to(result.dtype)
 
 
