@@ -23,9 +23,14 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from dora_testing import assert_close, ours, ours_env, use_impl  # noqa: E402
 
 
+# On a GPU machine the kernels run natively on CUDA tensors; on a CPU one through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
 
 
@@ -47,8 +52,9 @@ def tiny_model(bias=False, dropout=0.0):
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(12, 20, bias=bias), torch.nn.GELU(), torch.nn.Linear(20, 9, bias=bias))
     with use_impl("ours"):
-        return get_peft_model(base, LoraConfig(r=3, target_modules=["0", "2"], use_dora=True, init_lora_weights=False,
-                                               lora_dropout=dropout))
+        model = get_peft_model(base, LoraConfig(r=3, target_modules=["0", "2"], use_dora=True, init_lora_weights=False,
+                                                lora_dropout=dropout))
+    return model.to(DEVICE)
 
 
 def run(model, x):
@@ -65,7 +71,7 @@ def test_forced_fused_matches_eager_and_runs_kernels(interpreter, spy, bias, dro
     env = ours_env()
     model = tiny_model(bias, dropout)
     model.train()
-    x = torch.randn(2, 5, 12)
+    x = torch.randn(2, 5, 12, device=DEVICE)
     with env.config_override(fused=False):
         torch.manual_seed(3)
         eager_out, eager_grads = run(model, x)
@@ -80,19 +86,20 @@ def test_forced_fused_matches_eager_and_runs_kernels(interpreter, spy, bias, dro
         assert_close(fused_grads[k], eager_grads[k], atol=1e-5, rtol=1e-4, name=k)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="auto picks the fused path on CUDA")
 def test_auto_on_cpu_stays_eager(interpreter, spy):
     with ours_env().config_override(fused=None):
-        run(tiny_model(), torch.randn(4, 12))
+        run(tiny_model(), torch.randn(4, 12, device=DEVICE))
     assert spy == []
 
 
 def test_fused_backward_off_uses_eager_for_training(interpreter, spy):
     with ours_env().config_override(fused=True, fused_backward=False):
         model = tiny_model()
-        run(model, torch.randn(4, 12))
+        run(model, torch.randn(4, 12, device=DEVICE))
         assert spy == []
         with torch.no_grad():
-            model(torch.randn(4, 12))
+            model(torch.randn(4, 12, device=DEVICE))
     assert len(spy) == 2  # inference still fused
 
 
@@ -102,16 +109,16 @@ def test_forced_fused_without_triton_raises_clear_error(monkeypatch, spy):
     model = tiny_model()
     with ours_env().config_override(fused=True):
         with pytest.raises(RuntimeError, match="PEFT_DORA_FUSED=1.*cannot run"):
-            model(torch.randn(2, 12))
+            model(torch.randn(2, 12, device=DEVICE))
 
 
 def test_env_variable_drives_dispatch(interpreter, spy, monkeypatch):
     model = tiny_model()
     monkeypatch.setenv("PEFT_DORA_FUSED", "0")
     with torch.no_grad():
-        model(torch.randn(2, 12))
+        model(torch.randn(2, 12, device=DEVICE))
     assert spy == []
     monkeypatch.setenv("PEFT_DORA_FUSED", "1")
     with torch.no_grad():
-        model(torch.randn(2, 12))
+        model(torch.randn(2, 12, device=DEVICE))
     assert len(spy) == 2
