@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run in Triton's CPU interpreter. Triton fixes interpreted vs
+# compiled when triton.language is first imported (which transformers or peft may do at import),
+# so the switch is thrown here, before any test module is imported. Auto dispatch still keeps CPU
+# tensors on the eager path; only tests that force the fused path run kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -69,6 +69,14 @@ def use_impl(impl: str):
         return
     if impl != "reference":
         raise ValueError(f"impl={impl!r}; accepted: 'ours', 'reference'")
+    if TARGET == "plugin" and _installed_peft_is_newer():
+        # PEFT >= 0.19 passes adapter_name to its DoRA layers, which the 0.18.0 file does not take:
+        # there "upstream" is the installed release's own DoRA
+        import dorafactors
+
+        with dorafactors.enabled(False):
+            yield
+        return
     ref = load_reference()
     saved = {name: getattr(variants, name) for name in _LAYER_NAMES}
     if TARGET == "plugin":
@@ -82,6 +90,13 @@ def use_impl(impl: str):
     finally:
         for name, cls in saved.items():
             setattr(variants, name, cls)
+
+
+def _installed_peft_is_newer() -> bool:
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__) >= Version("0.19.0")
 
 
 # ---------------------------------------------------------------------------------------------

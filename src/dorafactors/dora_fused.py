@@ -371,7 +371,9 @@ def _launch_compose_fwd(
     if out is None:
         out = torch.empty((T, d_out), dtype=base2d.dtype, device=base2d.device)
     if write_v and v is None:
-        v = torch.empty((T, d_out), dtype=base2d.dtype, device=base2d.device)
+        # v is kept in the compute dtype (fp32): rounding it to bf16 would make ∂m less precise
+        # than upstream's own bf16 result (measured on the H100: 1.22x its error against fp64)
+        v = torch.empty((T, d_out), dtype=compute_dtype(base2d, lora2d, m, n, bias), device=base2d.device)
     if T == 0 or d_out == 0:
         return out, v
     _kernels()
@@ -560,7 +562,8 @@ def _register_ops() -> None:
 
     @dora_compose_fwd.register_fake
     def _(base, lora, m, n, s, bias, save_mode):
-        return base.new_empty(base.shape), base.new_empty(base.shape if save_mode == SAVE_V else (0,))
+        v_dtype = compute_dtype(base, lora, m, n, bias) if save_mode == SAVE_V else base.dtype
+        return base.new_empty(base.shape), base.new_empty(base.shape if save_mode == SAVE_V else (0,), dtype=v_dtype)
 
     dora_compose_fwd.register_autograd(_backward, setup_context=_setup_context)
 
@@ -661,7 +664,7 @@ def dora_compose(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: tor
     [..., d_out] in ``base.dtype``, computed in fp32 and rounded once.
 
     Backward gives d_base, d_lora, d_m and d_bias from one pass over dy. For
-    d_m the forward keeps ``v = base + s·lora`` [..., d_out]; with
+    d_m the forward keeps ``v = base + s·lora`` [..., d_out] in fp32; with
     ``save_out_for_mag_grad=True`` it keeps nothing new and recovers
     ``v / n = out / m`` from the output instead, which the caller may ask for
     only when ``bias is None`` and no ``m_i == 0``. When m needs no gradient
