@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -31,7 +32,18 @@ def ours_env():
     return importlib.import_module("dorafactors.dora_env")
 
 
-def load_reference():
+REFERENCE_SHA1 = "86def591d419957607e8d8c03cb2f0c12f32d21d"
+
+
+def _reference_path() -> Path:
+    """``DORAFACTORS_REFERENCE`` (a patched tree's docs/dora.reference_hf_peft.py), else vendor/."""
+    explicit = os.environ.get("DORAFACTORS_REFERENCE")
+    if explicit:
+        path = Path(explicit)
+        digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
+        if digest != REFERENCE_SHA1:
+            raise RuntimeError(f"DORAFACTORS_REFERENCE={explicit!r}: SHA-1 {digest}, expected {REFERENCE_SHA1}")
+        return path
     sys.path.insert(0, str(REPO_ROOT / "code" / "scripts"))
     try:
         import fetch_reference
@@ -40,13 +52,19 @@ def load_reference():
     ok, message = fetch_reference.check_reference()
     if not ok:
         raise RuntimeError(message)
-    spec = importlib.util.spec_from_file_location("peft_reference_dora", fetch_reference.REFERENCE_PATH)
+    return fetch_reference.REFERENCE_PATH
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("peft_reference_dora", _reference_path())
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 _LAYER_NAMES = ("DoraLinearLayer", "DoraEmbeddingLayer", "DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer")
+_VARIANT_LAYER = {n.replace("Layer", "Variant"): n for n in _LAYER_NAMES}
+_VARIANT_NAMES = tuple(_VARIANT_LAYER)
 
 
 @contextlib.contextmanager
@@ -79,6 +97,9 @@ def use_impl(impl: str):
         return
     ref = load_reference()
     saved = {name: getattr(variants, name) for name in _LAYER_NAMES}
+    # in the patched tree the variants are ours and hold their layer class: point those at the reference
+    our_variants = [getattr(variants, n) for n in _VARIANT_NAMES if hasattr(getattr(variants, n), "layer_cls")]
+    saved_layer_cls = {v: v.__dict__.get("layer_cls") for v in our_variants}
     if TARGET == "plugin":
         import dorafactors
 
@@ -86,10 +107,17 @@ def use_impl(impl: str):
     try:
         for name in _LAYER_NAMES:
             setattr(variants, name, getattr(ref, name))
+        for v in our_variants:
+            v.layer_cls = getattr(ref, _VARIANT_LAYER[v.__name__])
         yield
     finally:
         for name, cls in saved.items():
             setattr(variants, name, cls)
+        for v, cls in saved_layer_cls.items():
+            if cls is None:
+                del v.layer_cls
+            else:
+                v.layer_cls = cls
 
 
 def _installed_peft_is_newer() -> bool:

@@ -340,7 +340,8 @@ def test_output_path_names_and_never_overwrites(tmp_path):
     first.write_text("{}")
     second = output_path(tmp_path, env, "micro", "bf16", None, when)
     assert second != first and second.name.endswith("-2.json")
-    assert output_path(tmp_path, {"device": "cpu"}, "all", "bf16", "x1", when).name == "cpu_all_bf16_20260102-030405_x1.json"
+    named = output_path(tmp_path, {"device": "cpu"}, "all", "bf16", "x1", when)
+    assert named.name == "cpu_all_bf16_20260102-030405_x1.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +362,9 @@ def test_model_counts_match_design_table_at_full_depth():
 
 def test_peft_counts_agree_with_analytic_counts_on_meta():
     """PEFT's own DoRA wrapping of Qwen3-VL-8B at full depth gives the table's counts (no memory used)."""
+    from bench.models import MODELS, build_config, dora_counts
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from bench.models import MODELS, build_config, dora_counts
 
     spec = MODELS["qwen3-vl-8b"]
     config, depth, _ = build_config(spec)

@@ -78,13 +78,11 @@ def test_data_write_needs_optimizer_or_explicit_invalidate(x):
     model(x)
     B = model.base_model.model[2].lora_B["default"].weight
     B.data.mul_(2.0)
-    import dorafactors
-
-    dorafactors.invalidate_norm_cache(model)
+    ours().invalidate_norm_cache(model)
     check_fresh(model, x, "after .data write + invalidate_norm_cache(model)")
     model(x)
     B.data.mul_(0.5)
-    dorafactors.invalidate_norm_cache()  # global form
+    ours().invalidate_norm_cache()  # global form
     check_fresh(model, x, "after .data write + global invalidate")
     model(x)
     B.data.mul_(3.0)

@@ -128,7 +128,10 @@ def test_readme_table_matches_the_config_module():
     and accepted values exactly as dora_env.ENV_VARS does."""
     from dora_testing import REPO_ROOT
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    path = REPO_ROOT / "README.md"
+    if not path.is_file():
+        pytest.skip("no README.md here (the suite runs inside a patched PEFT tree)")
+    readme = path.read_text()
     for name, (default, accepted, effect) in ours_env().ENV_VARS.items():
         row = f"| `{name}` | {default} | {accepted} | {effect} |"
         assert row in readme, f"README row missing or stale for {name}: expected {row!r}"

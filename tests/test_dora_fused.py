@@ -559,20 +559,18 @@ def test_autotune_config_lists():
 
 
 @pytest.mark.parametrize("raw, expect", [(None, False), ("0", False), ("1", True), ("yes", ValueError),
-                                         ("true", ValueError), (" 1", ValueError)])
+                                         ("true", ValueError)])
 def test_autotune_comprehensive_env(monkeypatch, raw, expect):
-    monkeypatch.setattr(F, "_autotune_override", None)  # as before the first launch: env not read yet
+    monkeypatch.setattr(F, "_autotune_override", None)  # no setter call: the validated env config decides
     if raw is None:
         monkeypatch.delenv("DORA_AUTOTUNE_COMPREHENSIVE", raising=False)
     else:
         monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", raw)
     if expect is ValueError:
-        with pytest.raises(ValueError, match=r"DORA_AUTOTUNE_COMPREHENSIVE=.* is invalid; accepted values: '0', '1'"):
+        with pytest.raises(ValueError, match=r"DORA_AUTOTUNE_COMPREHENSIVE=.* is not valid; accepted values"):
             F._autotune_comprehensive()
     else:
         assert F._autotune_comprehensive() is expect
-        monkeypatch.setenv("DORA_AUTOTUNE_COMPREHENSIVE", "1" if not expect else "0")
-        assert F._autotune_comprehensive() is expect  # read once
 
 
 def test_set_autotune_comprehensive(monkeypatch):

@@ -497,15 +497,27 @@ class DoraLinearLayer(nn.Module):
         return F.linear(x.to(W.dtype), W)
 
     def forward(
-        self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name: Optional[str] = None
+        self,
+        x: torch.Tensor,
+        *,
+        lora_A: nn.Module,
+        lora_B: nn.Module,
+        scaling: float,
+        base_layer: nn.Module,
+        base_result: Optional[torch.Tensor] = None,
+        adapter_name: Optional[str] = None,
     ) -> torch.Tensor:
         """DoRA's delta, to be added to the base output: ``(g − 1) ⊙ base + g·s ⊙ lora``.
 
         Args:
             x: input [..., d_in] (already dropped out by PEFT when dropout is active).
-            lora_A, lora_B: PEFT's ``nn.Linear`` modules (``A`` [r, d_in], ``B`` [d_out, r]).
+            lora_A: PEFT's ``nn.Linear`` holding ``A`` [r, d_in].
+            lora_B: PEFT's ``nn.Linear`` holding ``B`` [d_out, r].
+            scaling: ``s``.
+            base_layer: the frozen base layer (its weight may be quantized).
             base_result: the base layer's output [..., d_out] (with bias), or ``None`` when dropout is
                 active, in which case the base term is computed from ``x``.
+            adapter_name: accepted for PEFT >= 0.19 callers; unused.
 
         Returns:
             [..., d_out] in the base output's dtype.
@@ -659,4 +671,3 @@ class DoraConv3dLayer(_DoraConvNdLayer):
     def __init__(self, fan_in_fan_out):
         super().__init__(fan_in_fan_out)
         self.conv_fn = F.conv3d
-

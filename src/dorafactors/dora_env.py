@@ -52,7 +52,7 @@ ENV_VARS: dict[str, tuple[str, str, str]] = {
     "PEFT_DORA_NORM_CACHE": (
         "1",
         "0, 1",
-        "1: reuse the row norm while W, A, B and m are unchanged (eval, gradient accumulation, checkpoint "
+        "1: reuse the row norm while W, A, B and s are unchanged (eval, gradient accumulation, checkpoint "
         "recompute); 0: recompute every forward",
     ),
     "DORA_AUTOTUNE_COMPREHENSIVE": (

@@ -24,7 +24,6 @@ __all__ = ["is_available", "set_autotune_comprehensive", "dora_compose", "dora_n
            "dora_compose_reference", "dora_compose_backward_reference", "dora_norm_assembly_reference"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ENV_AUTOTUNE = "DORA_AUTOTUNE_COMPREHENSIVE"
 
 # What the compose forward keeps for d_m (only needed when m requires grad).
 SAVE_NONE, SAVE_V, SAVE_OUT = 0, 1, 2
@@ -69,14 +68,6 @@ def is_available() -> bool:
     return _interpreting() or torch.cuda.is_available()
 
 
-def _parse_flag(name: str, raw: Optional[str]) -> bool:
-    if raw is None or raw == "":
-        return False
-    if raw in ("0", "1"):
-        return raw == "1"
-    raise ValueError(f"environment variable {name}={raw!r} is invalid; accepted values: '0', '1' or unset")
-
-
 def set_autotune_comprehensive(flag: bool) -> None:
     """Choose the large autotune search space (True) or the small default list (False).
 
@@ -89,11 +80,13 @@ def set_autotune_comprehensive(flag: bool) -> None:
 
 
 def _autotune_comprehensive() -> bool:
-    """The setter's choice, else ``DORA_AUTOTUNE_COMPREHENSIVE`` parsed once (strictly) on first use."""
-    global _autotune_override
-    if _autotune_override is None:
-        _autotune_override = _parse_flag(_ENV_AUTOTUNE, os.environ.get(_ENV_AUTOTUNE))
-    return _autotune_override
+    """The setter's choice, else ``DORA_AUTOTUNE_COMPREHENSIVE`` from the validated config
+    (:mod:`.dora_env`, the one place that reads the environment)."""
+    if _autotune_override is not None:
+        return _autotune_override
+    from .dora_env import get_config
+
+    return get_config().autotune_comprehensive
 
 
 def _autotune_configs(comprehensive: bool) -> Dict[str, list]:

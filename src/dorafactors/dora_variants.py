@@ -40,6 +40,11 @@ def _register_magnitude(module) -> None:
         module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
 
 
+def _adapter_kwarg(layer, adapter_name: str) -> dict:
+    """Our layers take ``adapter_name``; a foreign DoRA layer (PEFT 0.18's) may not."""
+    return {"adapter_name": adapter_name} if hasattr(layer, "row_norm") else {}
+
+
 def _norm_key(adapter: str) -> str:
     return f"{adapter}-weight_norm"
 
@@ -151,7 +156,7 @@ class DoraLinearVariant:
             x = dropout(x)
         layer = module.lora_magnitude_vector[active_adapter]
         kwargs = dict(lora_A=lora_A, lora_B=lora_B, scaling=module.scaling[active_adapter],
-                      base_layer=module.get_base_layer(), adapter_name=active_adapter)
+                      base_layer=module.get_base_layer(), **_adapter_kwarg(layer, active_adapter))
         if hasattr(layer, "forward_output"):  # ours: may take the fused path
             return layer.forward_output(x, result, dropout_active=dropout_active, **kwargs)
         delta = layer(x, base_result=None if dropout_active else result, **kwargs)
@@ -171,7 +176,7 @@ class DoraEmbeddingVariant(DoraLinearVariant):
 
     @classmethod
     def _make_layer(cls, module):
-        return DoraEmbeddingLayer(fan_in_fan_out=True)
+        return cls.layer_cls(fan_in_fan_out=True)
 
     @classmethod
     def _adapter_weights(cls, module, adapter_name):
@@ -186,7 +191,7 @@ class DoraEmbeddingVariant(DoraLinearVariant):
             scaling=module.scaling[active_adapter],
             base_layer=module.get_base_layer(),
             embed_fn=module._embed,
-            adapter_name=active_adapter,
+            **_adapter_kwarg(module.lora_magnitude_vector[active_adapter], active_adapter),
         )
         # scaled embeddings (e.g. Gemma) scale the base output in forward: scale DoRA's part alike,
         # after the norm, so DoRA's weight geometry is unchanged

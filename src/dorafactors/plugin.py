@@ -84,6 +84,7 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
+    """Whether :func:`enable` is in effect (PEFT's variants module holds our classes)."""
     return bool(_saved)
 
 

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Run one part of the GPU benchmark; each part fits one device-tool call (< ~8 minutes on an H100).
+#
+#   OUT=/some/dir code/scripts/run_gpu_bench.sh PART      # JSON lands in $OUT (default: code/results/)
+#   code/scripts/run_gpu_bench.sh list                    # the parts
+#
+# Parts:
+#   check              versions, GPU, reference SHA-1, what `--suite all` would run (seconds)
+#   micro-bf16         norm, compose, layer, memory, stability in bf16, all shapes and ranks (2m23)
+#   micro-fp16         the same in fp16 at fewer shapes and ranks
+#   micro-fp32         the same in fp32 at fewer shapes and ranks
+#   model8b-r384       Qwen3-VL-8B LM, full depth (36 layers), r=384 (5m37 on an H100)
+#   model8b-r16        Qwen3-VL-8B LM, full depth, r=16
+#   qwen2.5-vl-32b | qwen3-vl-32b | gemma-3-27b | mistral-small-3.2-24b
+#                      that model's first 16 decoder layers, r=384 (qwen2.5-vl-32b: 4m44 on an H100)
+#   qwen3.5-27b        its first 8 layers, r=384, 2 repeats (Gated-DeltaNet falls back to PyTorch
+#                      without flash-linear-attention, as on our H100: slow, so fewer layers; about
+#                      4 s per window of LoRA at 4 layers). If it runs over, add `--layers 4`.
+#   models-other       the five above one after another (too long for one call; for a shell)
+#
+# Extra arguments after PART go to the benchmark (e.g. `--providers lora,peft_ref,ours_auto`,
+# `--repeats 5`). The repo's src/ is put on PYTHONPATH, so dorafactors need not be installed.
+# A copied tree has no .git: set BENCH_GIT_COMMIT=<sha> so the JSON names the commit.
+set -euo pipefail
+
+PART="${1:-list}"
+shift || true
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT_DIR="${OUT:-$ROOT/code/results}"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+BENCH=("$PY" "$ROOT/code/bench_dora_comprehensive.py" --out "$OUT_DIR")
+SMALL_SHAPES="4096x4096,5120x27648,ragged"
+SMALL_RANKS="16,384"
+
+model_part() {  # model-name layers tag [extra...]
+    local model="$1" layers="$2" tag="$3"
+    shift 3
+    "${BENCH[@]}" --suite model --dtype bf16 --models "$model" --layers "$layers" --ranks 384 --tag "$tag" "$@"
+}
+
+case "$PART" in
+    list)
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+        ;;
+    check)
+        nvidia-smi || true
+        "$PY" -c "import torch, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'); print('peft', peft.__version__, \
+'transformers', transformers.__version__)"
+        "$PY" "$ROOT/code/scripts/fetch_reference.py" --check
+        "${BENCH[@]}" --list --suite all "$@"
+        ;;
+    micro-bf16)
+        "${BENCH[@]}" --suite micro --dtype bf16 --tag micro-bf16 "$@"
+        ;;
+    micro-fp16)
+        "${BENCH[@]}" --suite micro --dtype fp16 --shapes "$SMALL_SHAPES" --ranks "$SMALL_RANKS" --tag micro-fp16 "$@"
+        ;;
+    micro-fp32)
+        "${BENCH[@]}" --suite micro --dtype fp32 --shapes "$SMALL_SHAPES" --ranks "$SMALL_RANKS" --repeats 10 \
+            --tag micro-fp32 "$@"
+        ;;
+    model8b-r384)
+        "${BENCH[@]}" --suite model --dtype bf16 --models qwen3-vl-8b --ranks 384 --tag qwen3-vl-8b-r384 "$@"
+        ;;
+    model8b-r16)
+        "${BENCH[@]}" --suite model --dtype bf16 --models qwen3-vl-8b --ranks 16 --tag qwen3-vl-8b-r16 "$@"
+        ;;
+    qwen2.5-vl-32b | qwen3-vl-32b | gemma-3-27b | mistral-small-3.2-24b)
+        model_part "$PART" 16 "$PART-L16-r384" "$@"
+        ;;
+    qwen3.5-27b)
+        model_part "$PART" 8 "$PART-L8-r384" --repeats 2 "$@"
+        ;;
+    models-other)
+        for m in qwen2.5-vl-32b qwen3-vl-32b gemma-3-27b mistral-small-3.2-24b; do
+            model_part "$m" 16 "$m-L16-r384" "$@"
+        done
+        model_part qwen3.5-27b 8 "qwen3.5-27b-L8-r384" --repeats 2 "$@"
+        ;;
+    *)
+        echo "unknown part '$PART'; run '$0 list'" >&2
+        exit 2
+        ;;
+esac
