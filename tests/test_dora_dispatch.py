@@ -36,15 +36,15 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def spy(monkeypatch):
-    fused = __import__(ours().__name__.rsplit(".", 1)[0] + ".dora_fused", fromlist=["dora_compose"])
+    fused = __import__(ours().__name__.rsplit(".", 1)[0] + ".dora_fused", fromlist=["compose_trusted"])
     calls = []
-    real = fused.dora_compose
+    real = fused.compose_trusted
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("save_out_for_mag_grad", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "dora_compose", counting)
+    monkeypatch.setattr(fused, "compose_trusted", counting)
     return calls
 
 

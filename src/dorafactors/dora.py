@@ -258,9 +258,10 @@ class _NormCache:
     stride of every input match, the scaling matches and no optimizer step happened since.
     """
 
-    __slots__ = ("base_key", "base_sq", "norm_key", "norm", "__weakref__")
+    __slots__ = ("base_key", "base_sq", "norm_key", "norm", "generation", "__weakref__")
 
     def __init__(self) -> None:
+        self.generation = 0
         self.clear()
         _all_caches.add(self)
 
@@ -269,6 +270,7 @@ class _NormCache:
         self.base_sq = None
         self.norm_key = None
         self.norm = None
+        self.generation += 1  # anything derived from an earlier norm is stale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +292,28 @@ def _g_terms(magnitude, norm, base, scaling):
     return (m - n) / n, m / n * scaling, n
 
 
+class _GTermsCache:
+    """``(g − 1, g·s)`` of one layer, reused while ``m``, ``n`` (the cached norm tensor) and ``s``
+    are unchanged: inference and micro-batches skip four small kernels per forward."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key = None
+        self.value = None
+
+    def get(self, magnitude, norm, generation: int, base, scaling):
+        # ``generation`` counts the norm cache's recomputes and clears (ids of freed tensors recur)
+        key = (_tensor_key(magnitude), generation, base.dtype, float(scaling), _global_epoch)
+        if key != self.key:
+            # no graph: the compose's backward owns ∂m, and recording ops only on a cache miss would
+            # make a checkpoint's recompute save a different number of tensors than its forward
+            with torch.no_grad():
+                self.value = _g_terms(magnitude, norm, base, scaling)[:2]
+            self.key = key
+        return self.value
+
+
 class _DoraDeltaEager(torch.autograd.Function):
     """``delta = (g − 1) ⊙ base + g·s ⊙ lora`` with DoRA's backward (n constant):
 
@@ -299,53 +323,60 @@ class _DoraDeltaEager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base, lora, magnitude, norm, scaling: float, dim: int):
-        g_minus_1, g_s, n = _g_terms(magnitude, norm, base, scaling)
+    def forward(ctx, base, lora, magnitude, norm, scaling: float, dim: int, g_terms=None):
+        g_minus_1, g_s = g_terms if g_terms is not None else _g_terms(magnitude, norm, base, scaling)[:2]
         shape = _scale_shape(base, dim)
-        delta = base * g_minus_1.to(base.dtype).view(shape)
-        delta.add_(lora * g_s.to(lora.dtype).view(shape))
-        ctx.save_for_backward(base, lora, magnitude, norm)
-        ctx.scaling, ctx.dim = scaling, dim
+        scale_base = g_minus_1.to(base.dtype).view(shape)
+        scale_lora = g_s.to(lora.dtype).view(shape)
+        delta = base * scale_base
+        delta.add_(lora * scale_lora)
+        ctx.save_for_backward(base, lora, norm, scale_base, scale_lora)
+        ctx.scaling, ctx.dim, ctx.m_meta = scaling, dim, (magnitude.shape, magnitude.dtype)
         return delta
 
     @staticmethod
     def backward(ctx, d_delta):
-        base, lora, magnitude, norm = ctx.saved_tensors
-        s, dim = ctx.scaling, ctx.dim
-        g_minus_1, g_s, n = _g_terms(magnitude, norm, base, s)
-        shape = _scale_shape(base, dim)
+        base, lora, norm, scale_base, scale_lora = ctx.saved_tensors
         d_base = d_lora = d_m = None
         if ctx.needs_input_grad[0]:
-            d_base = (d_delta * g_minus_1.to(d_delta.dtype).view(shape)).to(base.dtype)
+            d_base = d_delta * scale_base
         if ctx.needs_input_grad[1]:
-            d_lora = (d_delta * g_s.to(d_delta.dtype).view(shape)).to(lora.dtype)
+            d_lora = d_delta * scale_lora
         if ctx.needs_input_grad[2]:
-            acc = n.dtype
-            v = base.to(acc) + s * lora.to(acc)
-            reduce_dims = [d for d in range(base.dim()) if d != dim % base.dim()]
-            d_m = (d_delta.to(acc) * v).sum(dim=reduce_dims) / n
-            d_m = d_m.reshape(magnitude.shape).to(magnitude.dtype)
-        return d_base, d_lora, d_m, None, None, None
+            acc = _accum_dtype(norm, base)
+            v = base.to(acc) + ctx.scaling * lora.to(acc)
+            dim = ctx.dim % base.dim()
+            reduce_dims = [d for d in range(base.dim()) if d != dim]
+            d_m = (d_delta.to(acc) * v).sum(dim=reduce_dims) / norm.reshape(-1).to(acc)
+            d_m = d_m.reshape(ctx.m_meta[0]).to(ctx.m_meta[1])
+        return d_base, d_lora, d_m, None, None, None, None
 
 
 def _compose_delta_eager(
-    base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float, dim: int
+    base: torch.Tensor,
+    lora: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    dim: int,
+    g_terms: Optional[tuple] = None,
 ) -> torch.Tensor:
     """``(g − 1) ⊙ base + g·s ⊙ lora`` in ``base.dtype``, with ``g − 1 = (m − n)/n`` in fp32.
 
-    ``dim`` is the output-feature dimension (``-1`` for Linear/Embedding, ``1`` for Conv).
+    ``dim`` is the output-feature dimension (``-1`` for Linear/Embedding, ``1`` for Conv);
+    ``g_terms`` optionally passes precomputed ``(g − 1, g·s)`` [d_out].
     """
-    return _DoraDeltaEager.apply(base, lora, magnitude, norm.detach(), float(scaling), dim)
+    return _DoraDeltaEager.apply(base, lora, magnitude, norm.detach(), float(scaling), dim, g_terms)
 
 
 @torch.no_grad()
-def _compose_delta_chunked(base, lora, magnitude, norm, scaling, chunk_bytes) -> torch.Tensor:
+def _compose_delta_chunked(base, lora, magnitude, norm, scaling, chunk_bytes, g_terms=None) -> torch.Tensor:
     """Inference-only eager compose over column blocks of a very wide output: bounded temporaries."""
     d_out = base.shape[-1]
     rows = max(1, base.numel() // max(1, d_out))
     cols = max(1, chunk_bytes // max(1, 4 * rows))
     if cols >= d_out:
-        return _compose_delta_eager(base, lora, magnitude, norm, scaling, -1)
+        return _compose_delta_eager(base, lora, magnitude, norm, scaling, -1, g_terms)
     out = torch.empty_like(base)
     m, n = magnitude.reshape(-1), norm.reshape(-1)
     for start in range(0, d_out, cols):
@@ -423,6 +454,7 @@ class DoraLinearLayer(nn.Module):
         super().__init__()
         self.fan_in_fan_out = fan_in_fan_out
         self._norm_cache = _NormCache()
+        self._g_cache = _GTermsCache()
 
     # -- norms -------------------------------------------------------------------------------
 
@@ -461,6 +493,7 @@ class DoraLinearLayer(nn.Module):
         if cache.norm_key != norm_key:
             cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
             cache.norm_key = norm_key
+            cache.generation += 1
         return cache.norm
 
     def _compute_norm(self, W, A, B, scaling, base_sq, chunk_bytes, eps=DORA_NORM_EPS) -> torch.Tensor:
@@ -528,10 +561,14 @@ class DoraLinearLayer(nn.Module):
         lora_out = lora_B(lora_A(x))
         base = self._base_without_bias(x, base_layer, weight, base_result)
         out_dtype = base_result.dtype if base_result is not None else base.dtype
+        cfg = get_config()
+        g_terms = None
+        if cfg.norm_cache:
+            g_terms = self._g_cache.get(self.weight, norm, self._norm_cache.generation, base, scaling)
         if not torch.is_grad_enabled():
-            delta = _compose_delta_chunked(base, lora_out, self.weight, norm, scaling, get_config().fwd_chunk_bytes)
+            delta = _compose_delta_chunked(base, lora_out, self.weight, norm, scaling, cfg.fwd_chunk_bytes, g_terms)
         else:
-            delta = _compose_delta_eager(base, lora_out, self.weight, norm, scaling, -1)
+            delta = _compose_delta_eager(base, lora_out, self.weight, norm, scaling, -1, g_terms)
         return delta.to(out_dtype)
 
     def forward_output(
@@ -555,7 +592,7 @@ class DoraLinearLayer(nn.Module):
             delta = self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
                                  base_result=base_result, adapter_name=adapter_name)
             return result + delta.to(result.dtype)
-        from .dora_fused import dora_compose
+        from .dora_fused import compose_trusted as dora_compose
 
         weight = dequantize_module_weight(base_layer)
         A, B = self._factors(lora_A, lora_B)

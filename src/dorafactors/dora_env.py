@@ -162,12 +162,25 @@ _cached_config: Optional[DoraEnvConfig] = None
 _overrides: list[DoraEnvConfig] = []
 
 
+_ENV_NAMES = tuple(ENV_VARS)
+_ENV_NAMES_BYTES = tuple(os.fsencode(name) for name in ENV_VARS)
+
+
+def _environ_key() -> tuple:
+    """The raw values of our variables; called on every forward, so it avoids os.environ's
+    per-lookup encode/decode where the platform's mapping allows (POSIX keeps bytes in ``_data``)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and os.name == "posix":
+        return tuple(map(data.get, _ENV_NAMES_BYTES))
+    return tuple(map(os.environ.get, _ENV_NAMES))
+
+
 def get_config() -> DoraEnvConfig:
     """The active configuration: the innermost :func:`config_override`, else the environment."""
     global _cached_key, _cached_config
     if _overrides:
         return _overrides[-1]
-    key = tuple(os.environ.get(name) for name in ENV_VARS)
+    key = _environ_key()
     if key != _cached_key:
         config = DoraEnvConfig.from_mapping(os.environ)
         with _lock:

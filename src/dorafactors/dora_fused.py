@@ -694,6 +694,18 @@ def dora_compose(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: tor
     return _compose_fwd_impl(base, lora, m, n, s, bias, SAVE_NONE)[0]
 
 
+def compose_trusted(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`dora_compose` without input validation, for callers that built the inputs themselves
+    (the DoRA layer, on every forward: validation is ~20 Python checks per call). Keeps ``v``."""
+    if torch.compiler.is_compiling():
+        return dora_compose(base, lora, m, n, s, bias)
+    if torch.is_grad_enabled() and (base.requires_grad or lora.requires_grad or m.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return FusedDoraCompose.apply(base, lora, m, n.detach(), float(s), bias, False)
+    return _compose_fwd_impl(base, lora, m, n, float(s), bias, SAVE_NONE)[0]
+
+
 def dora_norm_assembly(base_sq: torch.Tensor, U: torch.Tensor, B: torch.Tensor, G: torch.Tensor, s: float,
                        m: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row norm of ``W + s·B·A`` from factored terms, in one kernel: returns ``(n, g)``.

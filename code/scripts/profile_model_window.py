@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Profile one gradient-accumulation window of a model (GPU): where DoRA's time goes vs LoRA.
+
+    python code/scripts/profile_model_window.py --model qwen3-vl-8b --layers 4 --rank 16 --out DIR
+
+Builds the model from its config (random weights), adapts every decoder linear, runs one warm-up
+window and one profiled window (GA micro-batches, gradient checkpointing, loss on the last tokens,
+adapter parameters changed in place before the window as an optimizer step would), for plain LoRA
+and for dorafactors (auto dispatch), and prints/writes the top CUDA kernels of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "code"))
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> int:
+    from bench import models
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+
+    import dorafactors
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="qwen3-vl-8b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("."))
+    args = p.parse_args()
+    spec = models.MODELS[args.model]
+    config, _, reason = models.build_config(spec, layers=args.layers)
+    if config is None:
+        raise SystemExit(reason)
+    base = models.build_model(config, device=torch.device("cuda"), dtype=torch.bfloat16, seed=0)
+    base.gradient_checkpointing_enable()
+    base.config.use_cache = False
+    targets = list(spec.targets)
+    ids = [torch.randint(0, config.vocab_size, (1, args.seqlen), device="cuda") for _ in range(args.grad_accum)]
+    report = {}
+    for name in ("lora", "ours", "ours_eager"):
+        with dorafactors.enabled(name != "lora"):
+            model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets,
+                                                    use_dora=name != "lora"))
+        model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+
+        def window():
+            with torch.no_grad():
+                for q in params:
+                    q.add_(1e-4 * torch.randn_like(q))
+            for x in ids:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(input_ids=x).logits[:, -1024:]
+                logits.float().logsumexp(-1).mean().backward()
+
+        override = dorafactors.config_override(fused=False) if name == "ours_eager" else contextlib.nullcontext()
+        override.__enter__()
+        window()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        window()
+        end.record()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            window()
+            torch.cuda.synchronize()
+        override.__exit__(None, None, None)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        cpu_table = prof.key_averages(group_by_stack_n=0).table(sort_by="self_cpu_time_total", row_limit=25)
+        print(f"== {name}: window {start.elapsed_time(end):.1f} ms ==\n{cpu_table}")
+        report[name] = {"window_ms": start.elapsed_time(end), "cuda_table": table, "cpu_table": cpu_table}
+        model.unload()
+        del model
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile_{args.model}_L{args.layers}_r{args.rank}.json").write_text(json.dumps(
+        {"gpu": torch.cuda.get_device_name(), "args": vars(args) | {"out": str(args.out)}, **report}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
