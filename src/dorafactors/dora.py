@@ -585,7 +585,11 @@ class DoraLinearLayer(nn.Module):
                                          base_result=None if dropout_active else result,
                                          adapter_name=adapter_name).to(result.dtype)
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or self.weight.requires_grad or any(p.requires_grad for p in lora_B.parameters())
+            x.requires_grad
+            or result.requires_grad
+            or self.weight.requires_grad
+            or any(p.requires_grad for p in lora_A.parameters())
+            or any(p.requires_grad for p in lora_B.parameters())
         )
         if not use_fused_compose(result, needs_grad):
             base_result = None if dropout_active else result
