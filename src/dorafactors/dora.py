@@ -135,6 +135,17 @@ def factored_row_norm(
 
     Returns:
         ``n`` [d_out], fp32 (fp64 if any input is fp64), detached, clamped to ``eps``.
+
+    Raises:
+        ValueError: if the shapes are not ``W [d_out, d_in]``, ``A [r, d_in]``, ``B [d_out, r]``.
+
+    Example:
+        >>> import torch
+        >>> f64 = dict(dtype=torch.float64)
+        >>> W, A, B = torch.randn(6, 5, **f64), torch.randn(2, 5, **f64), torch.randn(6, 2, **f64)
+        >>> n = factored_row_norm(W, A, B, 0.5)
+        >>> bool(torch.allclose(n, torch.linalg.norm(W + 0.5 * B @ A, dim=1)))
+        True
     """
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(

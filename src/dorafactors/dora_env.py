@@ -190,7 +190,20 @@ def get_config() -> DoraEnvConfig:
 
 @contextlib.contextmanager
 def config_override(**changes) -> Iterator[DoraEnvConfig]:
-    """Temporarily replace fields of the active config, e.g. ``config_override(fused=False)``."""
+    """Temporarily replace fields of the active config, e.g. ``config_override(fused=False)``.
+
+    Raises:
+        ValueError, TypeError: a field value outside what the variable accepts.
+
+    Example:
+        >>> with config_override(norm_cache=False) as cfg:
+        ...     get_config().norm_cache
+        False
+        >>> DoraEnvConfig.from_mapping({"PEFT_DORA_NORM_CHUNK_MB": "8"})
+        Traceback (most recent call last):
+        ...
+        ValueError: PEFT_DORA_NORM_CHUNK_MB='8' is too small; accepted values: an integer >= 16 (MiB)
+    """
     config = dataclasses.replace(get_config(), **changes)
     _overrides.append(config)
     try:

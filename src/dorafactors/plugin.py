@@ -90,7 +90,19 @@ def is_enabled() -> bool:
 
 @contextlib.contextmanager
 def enabled(flag: bool = True) -> Iterator[None]:
-    """Context manager: ``with dorafactors.enabled(): model = get_peft_model(...)``."""
+    """Context manager: ``with dorafactors.enabled(): model = get_peft_model(...)``.
+
+    ``enabled(False)`` scopes PEFT's own classes instead; the previous state is restored on exit.
+
+    Example:
+        >>> import dorafactors
+        >>> from peft.tuners.lora import variants
+        >>> with dorafactors.enabled():
+        ...     variants.DoraLinearLayer.__module__
+        'dorafactors.dora'
+        >>> dorafactors.is_enabled()
+        False
+    """
     with _lock:
         was = is_enabled()
         (enable if flag else disable)()
