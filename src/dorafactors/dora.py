@@ -25,7 +25,6 @@ between our modules, absolute ``peft.`` imports for PEFT utilities.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from copy import deepcopy
 from typing import Any, Optional
 
@@ -221,7 +220,6 @@ def dense_row_norm(
 # ---------------------------------------------------------------------------------------------
 
 _global_epoch = 0
-_all_caches: "weakref.WeakSet[_NormCache]" = weakref.WeakSet()
 
 
 def _bump_epoch(*_args: Any, **_kwargs: Any) -> None:
@@ -274,7 +272,6 @@ class _NormCache:
     def __init__(self) -> None:
         self.generation = 0
         self.clear()
-        _all_caches.add(self)
 
     def clear(self) -> None:
         self.base_key = None
@@ -300,7 +297,7 @@ def _g_terms(magnitude, norm, base, scaling):
     acc = _accum_dtype(magnitude, norm, base)
     m = magnitude.reshape(-1).to(acc)
     n = norm.reshape(-1).to(acc)
-    return (m - n) / n, m / n * scaling, n
+    return (m - n) / n, m / n * scaling
 
 
 class _GTermsCache:
@@ -320,7 +317,7 @@ class _GTermsCache:
             # no graph: the compose's backward owns ∂m, and recording ops only on a cache miss would
             # make a checkpoint's recompute save a different number of tensors than its forward
             with torch.no_grad():
-                self.value = _g_terms(magnitude, norm, base, scaling)[:2]
+                self.value = _g_terms(magnitude, norm, base, scaling)
             self.key = key
         return self.value
 
@@ -335,7 +332,7 @@ class _DoraDeltaEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, lora, magnitude, norm, scaling: float, dim: int, g_terms=None):
-        g_minus_1, g_s = g_terms if g_terms is not None else _g_terms(magnitude, norm, base, scaling)[:2]
+        g_minus_1, g_s = g_terms if g_terms is not None else _g_terms(magnitude, norm, base, scaling)
         shape = _scale_shape(base, dim)
         scale_base = g_minus_1.to(base.dtype).view(shape)
         scale_lora = g_s.to(lora.dtype).view(shape)
@@ -527,9 +524,17 @@ class DoraLinearLayer(nn.Module):
         self._norm_cache.clear()
 
     def _init_norm(self, weight, lora_A, lora_B, scaling) -> torch.Tensor:
-        return factored_row_norm(self._weight_rows(weight), lora_A, lora_B, scaling, eps=0.0)
+        # update_layer receives A [r, d_in] and B [d_out, r] as tensors already
+        return self._compute_norm(
+            self._weight_rows(weight), lora_A, lora_B, scaling, None, get_config().norm_chunk_bytes, 0.0
+        )
 
     # -- forward -----------------------------------------------------------------------------
+
+    def _weight_and_norm(self, base_layer, lora_A, lora_B, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (dequantized) base weight and the row norm ``n`` of this forward."""
+        weight = dequantize_module_weight(base_layer)
+        return weight, self.row_norm(weight, *self._factors(lora_A, lora_B), scaling)
 
     def _base_without_bias(self, x, base_layer, weight, base_result) -> torch.Tensor:
         if base_result is not None:
@@ -566,9 +571,7 @@ class DoraLinearLayer(nn.Module):
         Returns:
             [..., d_out] in the base output's dtype.
         """
-        weight = dequantize_module_weight(base_layer)
-        A, B = self._factors(lora_A, lora_B)
-        norm = self.row_norm(weight, A, B, scaling)
+        weight, norm = self._weight_and_norm(base_layer, lora_A, lora_B, scaling)
         lora_out = lora_B(lora_A(x))
         base = self._base_without_bias(x, base_layer, weight, base_result)
         out_dtype = base_result.dtype if base_result is not None else base.dtype
@@ -591,10 +594,6 @@ class DoraLinearLayer(nn.Module):
         output and writes ``g ⊙ (result − bias + s·lora) + bias``; otherwise ``result + delta``.
         ``x`` is already dropped out when ``dropout_active``.
         """
-        if not self._fused_compose_supported:
-            return result + self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
-                                         base_result=None if dropout_active else result,
-                                         adapter_name=adapter_name).to(result.dtype)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or result.requires_grad
@@ -602,16 +601,14 @@ class DoraLinearLayer(nn.Module):
             or any(p.requires_grad for p in lora_A.parameters())
             or any(p.requires_grad for p in lora_B.parameters())
         )
-        if not use_fused_compose(result, needs_grad):
+        if not (self._fused_compose_supported and use_fused_compose(result, needs_grad)):
             base_result = None if dropout_active else result
             delta = self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
                                  base_result=base_result, adapter_name=adapter_name)
             return result + delta.to(result.dtype)
         from .dora_fused import compose_trusted as dora_compose
 
-        weight = dequantize_module_weight(base_layer)
-        A, B = self._factors(lora_A, lora_B)
-        norm = self.row_norm(weight, A, B, scaling)
+        weight, norm = self._weight_and_norm(base_layer, lora_A, lora_B, scaling)
         lora_out = lora_B(lora_A(x))
         if dropout_active:
             # the base term is W·dropout(x): out = result + g ⊙ (base_d + s·lora) − base_d
@@ -674,8 +671,7 @@ class _DoraConvNdLayer(DoraLinearLayer):
         return norm.to(out_dtype).view((1, -1) + (1,) * (weight.dim() - 2))
 
     def _init_norm(self, weight, lora_A, lora_B, scaling):
-        A, B = self._factors(lora_A, lora_B)
-        norm = self._compute_norm(self._weight_rows(weight), A, B, scaling, None, get_config().norm_chunk_bytes, 0.0)
+        norm = super()._init_norm(weight, *self._factors(lora_A, lora_B), scaling)
         return norm.view((1, -1) + (1,) * (weight.dim() - 2))
 
     def row_norm(self, weight, lora_A, lora_B, scaling):

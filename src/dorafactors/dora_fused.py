@@ -684,6 +684,13 @@ def dora_compose(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: tor
         raise TypeError(f"{fn}: `save_out_for_mag_grad` must be a bool, got {type(save_out_for_mag_grad).__name__}")
     if save_out_for_mag_grad and bias is not None:
         raise ValueError(f"{fn}: save_out_for_mag_grad=True needs bias=None (out - bias loses v's precision)")
+    return compose_trusted(base, lora, m, n, s, bias, save_out_for_mag_grad=save_out_for_mag_grad)
+
+
+def compose_trusted(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
+                    bias: Optional[torch.Tensor] = None, *, save_out_for_mag_grad: bool = False) -> torch.Tensor:
+    """:func:`dora_compose` without input validation, for callers that built the inputs themselves
+    (the DoRA layer, on every forward: validation is ~20 Python checks per call)."""
     n, s = n.detach(), float(s)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, lora, m, bias))
     if torch.compiler.is_compiling():  # the custom op: one opaque node for dynamo / AOTAutograd
@@ -692,18 +699,6 @@ def dora_compose(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: tor
     if grad:  # eager: the same launchers with less dispatch overhead than the custom op
         return FusedDoraCompose.apply(base, lora, m, n, s, bias, save_out_for_mag_grad)
     return _compose_fwd_impl(base, lora, m, n, s, bias, SAVE_NONE)[0]
-
-
-def compose_trusted(base: torch.Tensor, lora: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`dora_compose` without input validation, for callers that built the inputs themselves
-    (the DoRA layer, on every forward: validation is ~20 Python checks per call). Keeps ``v``."""
-    if torch.compiler.is_compiling():
-        return dora_compose(base, lora, m, n, s, bias)
-    if torch.is_grad_enabled() and (base.requires_grad or lora.requires_grad or m.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return FusedDoraCompose.apply(base, lora, m, n.detach(), float(s), bias, False)
-    return _compose_fwd_impl(base, lora, m, n, float(s), bias, SAVE_NONE)[0]
 
 
 def dora_norm_assembly(base_sq: torch.Tensor, U: torch.Tensor, B: torch.Tensor, G: torch.Tensor, s: float,
