@@ -446,6 +446,21 @@ def use_fused_compose(result: torch.Tensor, needs_grad: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _plain_lora_b_weight(lora_B: Any, ax: torch.Tensor) -> Optional[torch.Tensor]:
+    """``lora_B``'s weight in the dtype its forward would multiply ``ax`` in, when ``lora_B`` is a
+    plain bias-free ``nn.Linear`` the fused Function can stand in for; else None (under
+    ``torch.compile`` too, where the compose custom op keeps the graph whole)."""
+    if type(lora_B) is not nn.Linear or lora_B.bias is not None or torch.compiler.is_compiling():
+        return None
+    B = lora_B.weight
+    device_type = ax.device.type
+    if torch.is_autocast_enabled(device_type) and B.is_floating_point():
+        B = B.to(torch.get_autocast_dtype(device_type))  # what autocast's linear would do
+    elif ax.dtype != B.dtype:
+        return None  # lora_B(ax) decides what such a mix means (usually an error)
+    return B
+
+
 def _weight_of(module_or_tensor: Any) -> torch.Tensor:
     return module_or_tensor.weight if isinstance(module_or_tensor, nn.Module) else module_or_tensor
 
@@ -609,7 +624,20 @@ class DoraLinearLayer(nn.Module):
         from .dora_fused import compose_trusted as dora_compose
 
         weight, norm = self._weight_and_norm(base_layer, lora_A, lora_B, scaling)
-        lora_out = lora_B(lora_A(x))
+        ax = lora_A(x)
+        B = _plain_lora_b_weight(lora_B, ax)
+        if B is not None:
+            # lora_B's GEMM inside the fused Function: ∂m then needs only the saved base (see
+            # dora_fused_linear), not v = base + s·lora in fp32
+            from .dora_fused_linear import compose_lora_b
+
+            if dropout_active:
+                base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)
+                return result + (compose_lora_b(base_d, ax.to(B.dtype), B, self.weight, norm, scaling) - base_d)
+            bias = getattr(base_layer, "bias", None)
+            base = result if bias is None else result - bias
+            return compose_lora_b(base, ax.to(B.dtype), B, self.weight, norm, scaling, bias)
+        lora_out = lora_B(ax)
         if dropout_active:
             # the base term is W·dropout(x): out = result + g ⊙ (base_d + s·lora) − base_d
             base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)
