@@ -111,6 +111,12 @@ def probe_host():
     mg = m.clone().requires_grad_(True)
     bg = base.clone().requires_grad_(True)
     out["apply_fwd_grad_us"] = host_us(lambda: F.FusedDoraCompose.apply(bg, lora, mg, n, 0.5, None, False), 500)
+    from dorafactors.dora_fused_linear import compose_lora_b
+
+    ax = torch.randn(T, 16, device=dev, dtype=torch.bfloat16)
+    Bw = torch.randn(d, 16, device=dev, dtype=torch.bfloat16)
+    out["lora_b_fwd_grad_us"] = host_us(lambda: compose_lora_b(bg, ax, Bw, mg, n, 0.5), 500)
+    out["lora_b_matmul_only_us"] = host_us(lambda: torch.matmul(ax, Bw.t()), 500)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):
@@ -201,6 +207,7 @@ def main():
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--comprehensive", action="store_true")
     p.add_argument("--d-outs", default="4096,5120,8192,27648")
+    p.add_argument("--host-only", action="store_true", help="skip the kernel sweep")
     a = p.parse_args()
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     import triton
@@ -209,7 +216,8 @@ def main():
     res["host"] = probe_host()
     print({k: v for k, v in res["host"].items() if not k.startswith("cprofile")}, flush=True)
     print(res["host"]["cprofile_launcher_300_calls"][:3000], flush=True)
-    res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, [int(x) for x in a.d_outs.split(",")])
+    if not a.host_only:
+        res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, [int(x) for x in a.d_outs.split(",")])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
 
