@@ -125,6 +125,14 @@ def probe_host():
     sio = io.StringIO()
     pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(25)
     out["cprofile_launcher_300_calls"] = sio.getvalue()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        compose_lora_b(bg, ax, Bw, mg, n, 0.5)
+    prof.disable()
+    sio = io.StringIO()
+    pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(20)
+    out["cprofile_lora_b_300_calls"] = sio.getvalue()
     return out
 
 
@@ -215,7 +223,7 @@ def main():
     res["triton"] = triton.__version__
     res["host"] = probe_host()
     print({k: v for k, v in res["host"].items() if not k.startswith("cprofile")}, flush=True)
-    print(res["host"]["cprofile_launcher_300_calls"][:3000], flush=True)
+    print(res["host"]["cprofile_lora_b_300_calls"][:3500], flush=True)
     if not a.host_only:
         res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, [int(x) for x in a.d_outs.split(",")])
     a.out.parent.mkdir(parents=True, exist_ok=True)
