@@ -136,6 +136,60 @@ def probe_host():
     return out
 
 
+def probe_layer(d=4096, r=16, T=4096, iters=30):
+    """Host vs device time of one adapted Linear(d, d) forward+backward (params changed before each
+    step, as an optimizer would), ours vs plain LoRA, and a cProfile of ours."""
+    import dorafactors
+    from peft import LoraConfig, get_peft_model
+
+    res = {}
+    for name, dora in (("lora", False), ("ours", True)):
+        torch.manual_seed(0)
+        holder = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False)).to("cuda", torch.bfloat16)
+        if dora:
+            dorafactors.enable()
+        model = get_peft_model(holder, LoraConfig(r=r, target_modules=["0"], use_dora=dora, init_lora_weights=False))
+        params = [p for p in model.parameters() if p.requires_grad]
+        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1.0001)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            out.backward(dy)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        host, wall = [], []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            host.append((t1 - t0) * 1e3)
+            wall.append((t2 - t0) * 1e3)
+        host.sort(), wall.sort()
+        res[name] = {"host_ms": host[iters // 2], "wall_ms": wall[iters // 2]}
+        if dora:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(iters):
+                step()
+            prof.disable()
+            torch.cuda.synchronize()
+            sio = io.StringIO()
+            pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(30)
+            res["cprofile_ours"] = sio.getvalue()
+            dorafactors.disable()
+    return res
+
+
 def probe_kernels(comprehensive, d_outs, T=4096):
     rows = []
     bw = copy_gbps()
@@ -223,7 +277,10 @@ def main():
     res["triton"] = triton.__version__
     res["host"] = probe_host()
     print({k: v for k, v in res["host"].items() if not k.startswith("cprofile")}, flush=True)
-    print(res["host"]["cprofile_lora_b_300_calls"][:3500], flush=True)
+    print(res["host"]["cprofile_lora_b_300_calls"][:1500], flush=True)
+    res["layer"] = probe_layer()
+    print({k: v for k, v in res["layer"].items() if k != "cprofile_ours"}, flush=True)
+    print(res["layer"]["cprofile_ours"][:6000], flush=True)
     if not a.host_only:
         res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, [int(x) for x in a.d_outs.split(",")])
     a.out.parent.mkdir(parents=True, exist_ok=True)
