@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cprofile", action="store_true", help="also print a cProfile of one window")
     p.add_argument("--providers", default="lora,ours,ours_eager")
     args = p.parse_args()
     spec = models.MODELS[args.model]
@@ -82,6 +83,22 @@ def main() -> int:
             hosts.append((time.perf_counter() - t0) * 1e3)
             torch.cuda.synchronize()
             windows.append(start.elapsed_time(end))
+        if args.cprofile:  # Python-level: which of our functions (and Triton's) take the host time
+            import cProfile
+            import io
+            import pstats
+
+            cp = cProfile.Profile()
+            cp.enable()
+            window()
+            torch.cuda.synchronize()
+            cp.disable()
+            sio = io.StringIO()
+            pstats.Stats(cp, stream=sio).sort_stats("tottime").print_stats(40)
+            print(f"== {name}: cProfile by own time ==\n{sio.getvalue()[:9000]}")
+            sio = io.StringIO()
+            pstats.Stats(cp, stream=sio).sort_stats("cumtime").print_stats(45)
+            print(f"== {name}: cProfile by cumulative time ==\n{sio.getvalue()[:9000]}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             window()
             torch.cuda.synchronize()
