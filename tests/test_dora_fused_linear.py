@@ -21,7 +21,7 @@ finally:
 
 import torch  # noqa: E402
 
-from dorafactors.dora_fused_linear import FusedDoraLoraB, compose_lora_b  # noqa: E402
+from dorafactors.dora_fused_linear import FusedDoraLoraB, compose_lora_b, tail_vectors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,8 +97,10 @@ def test_gradcheck_fp64():
     leaves = [inputs[k].detach().clone().requires_grad_(True) for k in ("base", "ax", "B", "m")]
     n, bias = inputs["n"].double(), inputs["bias"].detach().clone().requires_grad_(True)
     leaves[3] = leaves[3].detach().double().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda b, a, B, m, bi: FusedDoraLoraB.apply(b, a, B, m, n, 0.5, bi), (*leaves, bias), eps=1e-6, atol=1e-6)
+    def fn(b, a, B, m, bi):
+        return FusedDoraLoraB.apply(b, a, B, m, n, 0.5, bi, *tail_vectors(m, n, 0.5))
+
+    assert torch.autograd.gradcheck(fn, (*leaves, bias), eps=1e-6, atol=1e-6)
 
 
 def test_frozen_magnitude_saves_no_base_and_gives_no_dm():
@@ -127,3 +129,23 @@ def test_no_grad_forward_matches_twin():
         out = compose_lora_b(**{k: v for k, v in inputs.items()}, s=0.25)
         ref = twin(inputs["base"], inputs["ax"], inputs["B"], inputs["m"], inputs["n"], 0.25, inputs["bias"])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_weight_with_bf16_activations_as_under_autocast():
+    """PEFT keeps B in fp32 and autocast runs the GEMM in bf16: B's gradient comes back in fp32,
+    and the parameter itself is never written by the backward."""
+    inputs = make((8,), 24, 6, torch.bfloat16, False, seed=6)
+    B32 = inputs["B"].float().clone().requires_grad_(True)
+    before = B32.detach().clone()
+    m = inputs["m"].clone().requires_grad_(True)
+    ax = inputs["ax"].clone().requires_grad_(True)
+    out = compose_lora_b(inputs["base"], ax, B32, m, inputs["n"], 0.5)
+    assert out.dtype == torch.bfloat16
+    dy = torch.randn(8, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out.backward(dy.to(torch.bfloat16))
+    assert B32.grad.dtype == torch.float32 and ax.grad.dtype == torch.bfloat16
+    assert torch.equal(B32.detach(), before), "backward wrote into the weight"
+    _, ref = grads_of(twin, {k: (v.double() if v is not None else None) for k, v in inputs.items()}, dy, 0.5)
+    for name, got in (("B", B32.grad), ("m", m.grad), ("ax", ax.grad)):
+        err = (got.double() - ref[name]).abs().max().item()
+        assert err <= 2e-2 * ref[name].abs().max().item(), f"d_{name}: max err {err:.3g}"

@@ -22,7 +22,7 @@ import torch
 
 from .dora_fused import SAVE_NONE, _compose_fwd_impl, _launch_compose_bwd, _rows, compute_dtype
 
-__all__ = ["FusedDoraLoraB", "compose_lora_b"]
+__all__ = ["FusedDoraLoraB", "compose_lora_b", "tail_vectors"]
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -36,61 +36,75 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 class FusedDoraLoraB(torch.autograd.Function):
-    """``apply(base, ax, B, m, n, s, bias)`` -> ``out`` [..., d_out] in ``base.dtype``.
+    """``apply(base, ax, B, m, n, s, bias, sg, s_over_n)`` -> ``out`` [..., d_out] in ``base.dtype``.
 
-    ``ax`` [..., r] and ``B`` [d_out, r] share a dtype (the caller casts for autocast); ``n`` is a
-    constant; ``bias`` is optional [d_out]. Unvalidated: the DoRA layer builds the inputs.
+    ``ax`` [..., r] is ``A·x`` in the compute dtype; ``B`` [d_out, r] is ``lora_B``'s weight (any
+    float dtype: multiplied in ``ax``'s, as autocast does, and given its gradient in its own);
+    ``n`` is a constant; ``bias`` is optional [d_out]; ``sg = s·m/n`` and ``s_over_n = s/n`` are
+    fp32 [d_out] (the layer caches them per norm and magnitude). Unvalidated: the DoRA layer
+    builds the inputs. The backward is a handful of host ops: the step is often host-bound.
     """
 
     @staticmethod
-    def forward(ctx, base, ax, B, m, n, s, bias):
-        lora = torch.matmul(ax, B.t())
+    def forward(ctx, base, ax, B, m, n, s, bias, sg, s_over_n):
+        B_c = B.to(ax.dtype)
+        lora = torch.matmul(ax, B_c.t())
         out, _ = _compose_fwd_impl(base, lora, m, n, s, bias, SAVE_NONE)
         ctx.s = float(s)
         ctx.base_shape, ctx.ax_shape = base.shape, ax.shape
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         # base is kept only for ∂m (a frozen magnitude saves no [T, d_out] tensor at all)
-        ctx.save_for_backward(base if ctx.needs_input_grad[3] else None, ax, B, m, n)
+        ctx.save_for_backward(base if ctx.needs_input_grad[3] else None, ax, B, m, n, sg, s_over_n)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        base, ax, B, m, n = ctx.saved_tensors
+        base, ax, B, m, n, sg, s_over_n = ctx.saved_tensors
         need_base, need_ax, need_B, need_m = ctx.needs_input_grad[:4]
         need_bias = ctx.bias_meta is not None and ctx.needs_input_grad[6]
-        s = ctx.s
         d_out, r = B.shape
         dy2 = _rows(dy, d_out)
-        acc = compute_dtype(dy, m, n, B)
-        d_base = d_m = d_bias = None
+        acc = sg.dtype
+        d_base = d_m = d_bias = grads_ax = grads_B = None
         if need_base or need_m or need_bias:
+            # one pass over dy (and base): ∂base = g ⊙ dy, d_m = Σ_t dy·base / n, Σ_t dy
             d_base, _, d_m, d_bias = _launch_compose_bwd(
-                dy2, _rows(base, d_out) if need_m else None, m, n, s, saved_is_out=False, need_dbase=need_base,
-                need_dlora=False, need_dm=need_m, need_dbias=need_bias, lora_dtype=dy.dtype, acc_dtype=acc)
-        n_acc = n.to(acc)
-        sg = (m.to(acc) / n_acc).mul_(s)  # s·g [d_out], as the kernel forms g (IEEE division)
-        grads_ax = grads_B = None
-        ax2 = ax.reshape(-1, r)
+                dy2, _rows(base, d_out) if need_m else None, m, n, ctx.s, saved_is_out=False,
+                need_dbase=need_base, need_dlora=False, need_dm=need_m, need_dbias=need_bias,
+                lora_dtype=dy.dtype, acc_dtype=acc)
+        B_acc = B.to(acc)
         if need_B or need_m:
-            P = _mm_acc(dy2.t(), ax2.to(dy2.dtype), acc)  # [d_out, r] = dyᵀ·ax
-            if need_m:  # d_m holds Σ_t dy·base / n; add the LoRA part Σ_j B_ij P_ij · s / n
-                d_m = d_m + (B.to(acc) * P).sum(1).mul_(s).div_(n_acc)
+            P = _mm_acc(dy2.t(), ax.reshape(-1, r).to(dy2.dtype), acc)  # [d_out, r] = dyᵀ·ax
+            if need_m:  # + the LoRA part: s/n · Σ_j B_ij P_ij
+                d_m.addcmul_(torch.linalg.vecdot(P, B_acc), s_over_n)
             if need_B:
-                grads_B = (P * sg[:, None]).to(B.dtype)
+                grads_B = P.mul_(sg[:, None]).to(B.dtype)
         if need_ax:
-            grads_ax = torch.mm(dy2, (B.to(acc) * sg[:, None]).to(dy2.dtype)).to(ax.dtype).view(ctx.ax_shape)
+            # out of place: B_acc may be the parameter itself
+            grads_ax = torch.mm(dy2, torch.mul(B_acc, sg[:, None]).to(dy2.dtype)).to(ax.dtype).view(ctx.ax_shape)
         return (
             d_base.view(ctx.base_shape) if need_base else None,
             grads_ax,
             grads_B,
-            d_m.to(m.dtype).reshape(m.shape) if need_m else None,
+            d_m.to(m.dtype).view(m.shape) if need_m else None,
             None,
             None,
-            d_bias.to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]) if need_bias else None,
+            d_bias.to(ctx.bias_meta[1]).view(ctx.bias_meta[0]) if need_bias else None,
+            None,
+            None,
         )
 
 
+def tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> tuple:
+    """``(s·m/n, s/n)`` [d_out] in fp32 (fp64 if ``m`` or ``n`` is), what :class:`FusedDoraLoraB` takes."""
+    acc = torch.float64 if torch.float64 in (m.dtype, n.dtype) else torch.float32
+    n = n.detach().reshape(-1).to(acc)
+    return m.detach().reshape(-1).to(acc) / n * s, torch.full_like(n, float(s)).div_(n)
+
+
 def compose_lora_b(base: torch.Tensor, ax: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
-                   s: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``g ⊙ (base + s·ax·Bᵀ) + bias`` through :class:`FusedDoraLoraB` (``n`` detached here)."""
-    return FusedDoraLoraB.apply(base, ax, B, m, n.detach(), float(s), bias)
+                   s: float, bias: Optional[torch.Tensor] = None, tail: Optional[tuple] = None) -> torch.Tensor:
+    """``g ⊙ (base + s·ax·Bᵀ) + bias`` through :class:`FusedDoraLoraB` (``n`` detached here);
+    ``tail`` passes precomputed :func:`tail_vectors` (computed here when None)."""
+    sg, s_over_n = tail if tail is not None else tail_vectors(m, n, s)
+    return FusedDoraLoraB.apply(base, ax, B, m, n.detach(), float(s), bias, sg, s_over_n)
