@@ -154,9 +154,10 @@ def test_row_chunks_equal_peft_dequantize(kind, dtype):
     src = quant_mod().quant_rows(layer)
     assert src.kind == ("bnb8" if kind == "int8" else "bnb4")
     assert tuple(src.shape) == tuple(whole.shape) and src.dtype == whole.dtype
+    row_sq = src.row_sq  # asked for before the pass: filled by it
     for start in range(0, D_MID, 3):
         assert torch.equal(src[start : start + 3], whole[start : start + 3]), f"rows {start}:{start + 3}"
-    assert_close(src.row_sq, whole.double().square().sum(1), atol=1e-6, rtol=1e-5, name="row_sq")
+    assert_close(row_sq, whole.double().square().sum(1), atol=1e-6, rtol=1e-5, name="row_sq")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -76,7 +76,8 @@ class QuantRows:
         shape: ``(d_out, d_in)``.
         dtype: dtype of the dequantized rows (what PEFT's ``dequantize_module_weight`` returns).
         device: where the rows are produced.
-        row_sq: ``‖W_i‖²`` [d_out] (fp32), filled for every row range read through ``W[a:b]``.
+        row_sq: ``‖W_i‖²`` [d_out] (fp32); once asked for, filled for every row range read through
+            ``W[a:b]`` (so a pass that only needs the cross term pays nothing for it).
     """
 
     kind = "quantized"
@@ -86,8 +87,14 @@ class QuantRows:
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = device
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        self.row_sq = torch.empty(self.shape[0], dtype=acc, device=device)
+        self._row_sq: Optional[torch.Tensor] = None
+
+    @property
+    def row_sq(self) -> torch.Tensor:
+        if self._row_sq is None:
+            acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+            self._row_sq = torch.empty(self.shape[0], dtype=acc, device=self.device)
+        return self._row_sq
 
     # -- what factored_row_norm uses of a tensor --------------------------------------------------
 
@@ -104,7 +111,8 @@ class QuantRows:
         stop = max(start, stop)
         with torch.no_grad():
             out = self._rows(start, stop)
-            self.row_sq[start:stop] = torch.linalg.vector_norm(out, dim=1, dtype=self.row_sq.dtype).square()
+            if self._row_sq is not None:
+                self._row_sq[start:stop] = torch.linalg.vector_norm(out, dim=1, dtype=self._row_sq.dtype).square()
         return out
 
     # -- per format -------------------------------------------------------------------------------
@@ -143,8 +151,6 @@ class _Bnb4bitRows(QuantRows):
             raise ValueError(f"expected a 2-D 4-bit weight, got quant_state.shape {tuple(state.shape)}")
         super().__init__(module, tuple(state.shape), state.dtype, weight.device)
         self.state = state
-        # packed 4-bit codes as bytes (quant_storage may be another dtype, e.g. bf16 for FSDP)
-        self.packed = weight.data.reshape(-1).view(torch.uint8)
         self._absmax = None
 
     def cache_key(self):
@@ -175,7 +181,9 @@ class _Bnb4bitRows(QuantRows):
             return torch.empty(0, d_in, dtype=self.dtype, device=self.device)
         b0, b1 = e_start // bs, -(-e_stop // bs)  # blocks covering the rows' elements
         lo, hi = b0 * bs, min(b1 * bs, numel)
-        packed = self.packed[lo // 2 : -(-hi // 2)].view(-1, 1)  # two codes per byte; block starts are even
+        # packed 4-bit codes as bytes (quant_storage may be another dtype, e.g. bf16 under FSDP); two
+        # codes per byte, and block starts are even
+        packed = self.module.weight.data.reshape(-1).view(torch.uint8)[lo // 2 : -(-hi // 2)].view(-1, 1)
         part = bnbF.QuantState(absmax=self._absmax_fp32()[b0:b1], shape=torch.Size([hi - lo]), code=self.state.code,
                                blocksize=bs, quant_type=self.state.quant_type, dtype=self.dtype)
         out = bnbF.dequantize_4bit(packed, quant_state=part)
