@@ -45,7 +45,7 @@ class Tiny(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def quantize_linear(lin: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn.Module:
+def quantize_linear(lin: nn.Linear, kind: str, compute_dtype: torch.dtype, device="cpu") -> nn.Module:
     bias = lin.bias is not None
     if kind == "int8":
         q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
@@ -53,14 +53,14 @@ def quantize_linear(lin: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=compute_dtype,
                               compress_statistics=kind.endswith("-dq"), quant_type=kind[:3])
     q.load_state_dict(lin.state_dict())
-    return q.to("cpu")  # bitsandbytes quantizes when the layer is moved to its device
+    return q.to(device)  # bitsandbytes quantizes when the layer is moved to its device
 
 
-def quantize_model(dense: Tiny, kind: str) -> Tiny:
+def quantize_model(dense: Tiny, kind: str, device="cpu") -> Tiny:
     model = copy.deepcopy(dense)
     dtype = model.a.weight.dtype
     for name in ("a", "b"):
-        setattr(model, name, quantize_linear(getattr(model, name), kind, dtype))
+        setattr(model, name, quantize_linear(getattr(model, name), kind, dtype, device))
     # what transformers sets on a model loaded in 4/8 bit: PEFT dispatches to its bnb LoRA layers on it
     setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return model
@@ -70,7 +70,7 @@ def dequantized_copy(qmodel: Tiny, dense: Tiny, dtype=torch.float64) -> Tiny:
     """An unquantized Tiny holding exactly the quantized model's dequantized values."""
     from peft.utils.integrations import dequantize_module_weight
 
-    model = copy.deepcopy(dense).to(dtype)
+    model = copy.deepcopy(dense).to(device=next(qmodel.parameters()).device, dtype=dtype)
     with torch.no_grad():
         for name in ("a", "b"):
             layer = getattr(qmodel, name)
@@ -109,23 +109,24 @@ def copy_adapters(src, dst):
 
 def run(pm, x, dy, seed=3):
     """Output and gradients of x and every adapter parameter (dropout masks drawn from ``seed``)."""
-    x = x.clone().requires_grad_(True)
+    device = next(pm.parameters()).device
+    x = x.to(device).requires_grad_(True)
     torch.manual_seed(seed)
     y = pm(x)
-    y.backward(dy.to(y.dtype))
+    y.backward(dy.to(device=device, dtype=y.dtype))
     grads = {"x": x.grad}
     grads.update({n.replace("base_model.model.", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad})
     assert all(g is not None for g in grads.values()), [k for k, g in grads.items() if g is None]
     return y.detach(), grads
 
 
-def pair(kind, dtype=torch.float32, **kw):
-    """Upstream's and our QDoRA on the same quantized weights with the same adapters."""
+def pair(kind, dtype=torch.float32, device="cpu", **kw):
+    """Upstream's and our QDoRA on the same quantized weights (quantization is deterministic) with
+    the same adapters."""
     torch.manual_seed(0)
     dense = Tiny().to(dtype)
-    qmodel = quantize_model(dense, kind)
-    up = peft_model("reference", copy.deepcopy(qmodel), **kw)
-    ours_pm = peft_model("ours", qmodel, **kw)
+    up = peft_model("reference", quantize_model(dense, kind, device), **kw)
+    ours_pm = peft_model("ours", quantize_model(dense, kind, device), **kw)
     perturb_adapters(ours_pm)
     copy_adapters(ours_pm, up)
     return dense, up, ours_pm
@@ -172,6 +173,16 @@ def test_factored_norm_on_quantized_rows_fp64_exact(kind):
     assert_close(n, torch.linalg.norm(W + 0.6 * B @ A, dim=1), atol=1e-6, rtol=1e-6, name="norm")
 
 
+def test_8bit_layer_with_fp16_weights_uses_them():
+    """``has_fp16_weights=True`` keeps the real weights in the layer: the rows are those (PEFT's
+    helper would try to dequantize them without row scales)."""
+    lin = nn.Linear(D_IN, D_MID)
+    q = bnb.nn.Linear8bitLt(D_IN, D_MID, has_fp16_weights=True)
+    q.load_state_dict(lin.state_dict())
+    src = quant_mod().quant_rows(q.to("cpu"))
+    assert src.dtype == torch.float32 and torch.equal(src[0:D_MID], lin.weight.data)
+
+
 def test_unquantized_4bit_layer_gets_a_clear_error():
     layer = bnb.nn.Linear4bit(D_IN, D_MID, compute_dtype=torch.float32)  # never moved: not quantized
     layer.weight.quant_state = None
@@ -203,10 +214,15 @@ def test_fp32_matches_upstream(kind, dropout):
         assert_close(g[k], g_up[k], atol=tol.atol, rtol=tol.rtol, name=f"grad {k}")
 
 
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("kind", ["nf4", "fp4-dq", "int8"])
-def test_bf16_error_no_larger_than_upstream(kind):
-    """bf16 model, PEFT's fp32 adapters: error against an fp64 run of the same quantized values."""
-    dense, up, pm = pair(kind, dtype=torch.bfloat16)
+def test_bf16_error_no_larger_than_upstream(kind, device):
+    """bf16 model, PEFT's fp32 adapters: error against an fp64 run of the same quantized values
+    (on the GPU through bitsandbytes' CUDA kernels)."""
+    dense, up, pm = pair(kind, dtype=torch.bfloat16, device=device)
     truth_pm = peft_model("reference", dequantized_copy(pm.base_model.model, dense))
     copy_adapters(pm, truth_pm)
     truth_pm.double()
@@ -406,11 +422,11 @@ def test_other_quantizations_match_upstream(kind):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["nf4", "fp4-dq", "int8"])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 4097)], ids=["4096x4096", "ragged-1000x4097"])
-def test_gpu_rows_and_layer_match_upstream(kind, shape):
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_row_chunks_and_norm(kind, shape):
     from peft.utils.integrations import dequantize_module_weight
 
     d_out, d_in = shape

@@ -195,16 +195,18 @@ class _Bnb8bitRows(QuantRows):
 
     def __init__(self, module):
         weight = module.weight
+        if weight.dtype.is_floating_point:
+            # has_fp16_weights=True (or not moved to its device yet): the layer holds the real weights
+            super().__init__(module, tuple(weight.shape), weight.dtype, weight.device)
+            self.scb = None
+            return
         if weight.dtype != torch.int8:
-            raise ValueError(
-                f"the bitsandbytes Linear8bitLt base layer holds {weight.dtype} weights, not int8 "
-                "(has_fp16_weights=True or not moved to its device yet)"
-            )
+            raise ValueError(f"the bitsandbytes Linear8bitLt base layer holds {weight.dtype} weights, expected int8")
         scb = getattr(weight, "SCB", None)
         if scb is None:
             scb = getattr(getattr(module, "state", None), "SCB", None)
         if scb is None:
-            raise ValueError("the bitsandbytes Linear8bitLt weight has no SCB row scales")
+            raise ValueError("the bitsandbytes Linear8bitLt weight has int8 values but no SCB row scales")
         super().__init__(module, tuple(weight.shape), torch.float32, weight.device)
         self.scb = scb
 
@@ -214,6 +216,8 @@ class _Bnb8bitRows(QuantRows):
     def _rows(self, start, stop):
         # row i is CB_i · SCB_i / 127 (PEFT's helper computes this for the whole weight, in fp32)
         cb = self.module.weight.data[start:stop]
+        if self.scb is None:
+            return cb
         return cb * self.scb[start:stop].view(-1, 1) * (1.0 / 127.0)
 
 
