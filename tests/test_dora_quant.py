@@ -183,6 +183,17 @@ def test_8bit_layer_with_fp16_weights_uses_them():
     assert src.dtype == torch.float32 and torch.equal(src[0:D_MID], lin.weight.data)
 
 
+def test_4bit_weights_repacked_for_the_cpu_kernels_are_read_through_the_layer(monkeypatch):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights in eval: rows then come from the
+    layer's own kernel (simulated here: the flag set, the layer's forward a dense one)."""
+    lin = nn.Linear(D_IN, D_MID)
+    q = quantize_linear(lin, "nf4", torch.float32)
+    monkeypatch.setattr(q.weight.quant_state, "packing_format_for_cpu", True, raising=False)
+    monkeypatch.setattr(q, "forward", lin.forward)
+    src = quant_mod().quant_rows(q)
+    assert_close(src[3:17], lin.weight.detach()[3:17], atol=1e-6, rtol=1e-5, name="rows via the layer")
+
+
 def test_unquantized_4bit_layer_gets_a_clear_error():
     layer = bnb.nn.Linear4bit(D_IN, D_MID, compute_dtype=torch.float32)  # never moved: not quantized
     layer.weight.quant_state = None

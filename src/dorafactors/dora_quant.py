@@ -152,6 +152,7 @@ class _Bnb4bitRows(QuantRows):
         super().__init__(module, tuple(state.shape), state.dtype, weight.device)
         self.state = state
         self._absmax = None
+        self._whole = None
 
     def cache_key(self):
         st = self.state
@@ -173,6 +174,8 @@ class _Bnb4bitRows(QuantRows):
     def _rows(self, start, stop):
         import bitsandbytes.functional as bnbF
 
+        if getattr(self.state, "packing_format_for_cpu", False):
+            return self._rows_cpu_packed(start, stop)
         d_in = self.shape[1]
         bs = self.state.blocksize
         numel = self.shape[0] * d_in
@@ -188,6 +191,17 @@ class _Bnb4bitRows(QuantRows):
                                blocksize=bs, quant_type=self.state.quant_type, dtype=self.dtype)
         out = bnbF.dequantize_4bit(packed, quant_state=part)
         return out.reshape(-1)[e_start - lo : e_stop - lo].view(stop - start, d_in)
+
+    def _rows_cpu_packed(self, start, stop):
+        # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernels in eval (nibbles permuted,
+        # block scales transposed): rows cannot be sliced, so the layer's own kernel rebuilds W once for
+        # this pass, W = (layer(I) − bias)ᵀ, in the layer's compute dtype (never fp32)
+        if self._whole is None:
+            d_in = self.shape[1]
+            dtype = getattr(self.module, "compute_dtype", None) or self.dtype
+            eye = torch.eye(d_in, dtype=dtype, device=self.device)
+            self._whole = self.base_output(eye).T.to(self.dtype)
+        return self._whole[start:stop]
 
 
 class _Bnb8bitRows(QuantRows):
