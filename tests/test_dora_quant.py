@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from dora_testing import DTYPE_IDS, TOLS, assert_close, ours, ours_env, rel_rms, use_impl
@@ -52,6 +53,8 @@ def quantize_linear(lin: nn.Linear, kind: str, compute_dtype: torch.dtype, devic
     else:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=compute_dtype,
                               compress_statistics=kind.endswith("-dq"), quant_type=kind[:3])
+        # quantized from weights in the model dtype, as transformers loads them (quant_state.dtype)
+        q = q.to(lin.weight.dtype)
     q.load_state_dict(lin.state_dict())
     return q.to(device)  # bitsandbytes quantizes when the layer is moved to its device
 
@@ -321,6 +324,56 @@ def test_cache_key_follows_the_quantized_storage():
             assert_close(out, pm(x), atol=1e-6, rtol=1e-5, name="after swapping the quantized weight")
 
 
+class _LargestAllocation(TorchDispatchMode):
+    """Bytes of the largest new storage any op returns (views of inputs allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
+def test_norm_allocates_row_chunks_only(kind):
+    d_out, d_in = 512, 384
+    layer = quantize_linear(nn.Linear(d_in, d_out), kind, torch.float32)
+    A, B = torch.randn(16, d_in), torch.randn(d_out, 16)
+    chunk = 64 * 1024  # bytes: ~21 rows of W per chunk
+    src = quant_mod().quant_rows(layer)
+    with _LargestAllocation() as tracker:
+        ours().factored_row_norm(src, A, B, 0.5, base_sq=src.row_sq, chunk_bytes=chunk)
+    assert tracker.largest <= chunk < d_out * d_in * 4 / 8, tracker.largest
+
+
+def test_training_step_makes_no_fp32_copy_of_w():
+    """A whole forward and backward through PEFT's 4-bit layer (bf16 compute, fp32 adapters, as
+    QLoRA): nothing as large as W in fp32 is allocated by ours; upstream's dense detour is."""
+    d_out, d_in = 2048, 2048  # W in fp32: 16 MiB, the smallest norm chunk bound PEFT_DORA_NORM_CHUNK_MB allows
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to(torch.bfloat16)
+    largest = {}
+    for impl in ("ours", "reference"):
+        model = copy.deepcopy(dense)
+        model[0] = quantize_linear(model[0], "nf4", torch.bfloat16)
+        model.is_loaded_in_4bit = True
+        pm = peft_model(impl, model, target_modules=["0"])
+        x = torch.randn(4, d_in, dtype=torch.bfloat16, requires_grad=True)
+        with ours_env().config_override(norm_chunk_mb=16), _LargestAllocation() as tracker:
+            pm(x).float().square().sum().backward()
+        largest[impl] = tracker.largest
+    w_fp32 = d_out * d_in * 4
+    assert largest["ours"] < w_fp32 <= largest["reference"], largest
+
+
 # ---------------------------------------------------------------------------------------------
 # adapters move between quantized and unquantized bases
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +421,8 @@ def _peft_layer(path):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("path", ["peft.tuners.lora.awq:AwqLoraLinear", "peft.tuners.lora.aqlm:AqlmLoraLinear"])
+@pytest.mark.parametrize("path", ["peft.tuners.lora.awq:AwqLoraLinear", "peft.tuners.lora.aqlm:AqlmLoraLinear",
+                                  "peft.tuners.lora.gptq:GPTQLoraLinear"])
 def test_peft_rejects_dora_on_these_quantizations(path):
     cls = _peft_layer(path)
     params = inspect.signature(cls.__init__).parameters

@@ -181,6 +181,8 @@ def quantize_targets(model: torch.nn.Module, targets: tuple[str, ...], quant: st
             new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias,
                                     compute_dtype=module.weight.dtype, compress_statistics=quant.endswith("-dq"),
                                     quant_type=quant[:3], device="cpu")
+            # quantized from weights in the model dtype (quant_state.dtype), as transformers loads them
+            new = new.to(module.weight.dtype)
         # bitsandbytes quantizes when the layer moves to its device; the dense weight goes with the old layer
         new.load_state_dict({k: v.to("cpu") for k, v in module.state_dict().items()})
         _replace(model, name, new.to(device))
