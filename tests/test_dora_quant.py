@@ -308,6 +308,25 @@ def test_cache_off_also_reads_each_row_once(monkeypatch):
     assert sum(rows_read) == 2 * (D_MID + D_OUT)
 
 
+def test_interrupted_norm_pass_leaves_no_partial_base_term(monkeypatch):
+    _, _, pm = pair("nf4")
+    x, _ = inputs(torch.float32)
+    dq = quant_mod()
+    real_rows = dq._Bnb4bitRows._rows
+
+    def failing(self, a, b):
+        raise KeyboardInterrupt  # e.g. a user interrupt in the middle of the pass
+
+    monkeypatch.setattr(dq._Bnb4bitRows, "_rows", failing)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        pm(x)
+    monkeypatch.setattr(dq._Bnb4bitRows, "_rows", real_rows)
+    with torch.no_grad():
+        cached = pm(x)
+        with ours_env().config_override(norm_cache=False):
+            assert_close(cached, pm(x), atol=1e-6, rtol=1e-5, name="after an interrupted pass")
+
+
 def test_cache_key_follows_the_quantized_storage():
     """A new quantized weight (a merge or a reload swaps it) invalidates the base term."""
     _, _, pm = pair("nf4")

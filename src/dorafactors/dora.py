@@ -503,7 +503,11 @@ class DoraLinearLayer(nn.Module):
             cache.base_key = base_key
         norm_key = (base_key, _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), _global_epoch)
         if cache.norm_key != norm_key:
-            cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
+            try:
+                cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
+            except BaseException:
+                cache.clear()  # a quantized W's ‖W_i‖² is filled by this pass: never keep part of it
+                raise
             cache.norm_key = norm_key
             cache.generation += 1
         return cache.norm
