@@ -122,7 +122,12 @@ class QuantRows:
         raise NotImplementedError
 
     def cache_key(self) -> tuple:
-        """Identity of the quantized storage: the norm cache's key for ``W``."""
+        """Identity of the quantized storage: the norm cache's key for ``W`` (every forward asks)."""
+        # bitsandbytes' parameters route every attribute read through __torch_function__: 4x cheaper off
+        with torch._C.DisableTorchFunctionSubclass():
+            return self._cache_key()
+
+    def _cache_key(self) -> tuple:
         raise NotImplementedError
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,7 @@ class _Bnb4bitRows(QuantRows):
         self._absmax = None
         self._whole = None
 
-    def cache_key(self):
+    def _cache_key(self):
         st = self.state
         return ("bnb4", _key(self.module.weight), id(st), _key(st.absmax), st.quant_type, st.blocksize, st.dtype)
 
@@ -224,7 +229,7 @@ class _Bnb8bitRows(QuantRows):
         super().__init__(module, tuple(weight.shape), torch.float32, weight.device)
         self.scb = scb
 
-    def cache_key(self):
+    def _cache_key(self):
         return ("bnb8", _key(self.module.weight), _key(self.scb))
 
     def _rows(self, start, stop):
@@ -245,7 +250,7 @@ class _TorchaoRows(QuantRows):
         super().__init__(module, tuple(weight.shape), weight.dtype, weight.device)
         self._whole = None
 
-    def cache_key(self):
+    def _cache_key(self):
         weight = self.module.weight
         inner = ()
         if hasattr(weight, "__tensor_flatten__"):
@@ -276,7 +281,7 @@ class _HqqRows(QuantRows):
         super().__init__(module, tuple(shape), dtype, module.W_q.device)
         self._whole = None
 
-    def cache_key(self):
+    def _cache_key(self):
         meta = self.module.meta
         scales = tuple(_key(meta.get(k)) if isinstance(meta.get(k), torch.Tensor) else (k, meta.get(k))
                        for k in ("scale", "zero"))
@@ -304,4 +309,5 @@ def quant_rows(base_layer: Any) -> Optional[QuantRows]:
     kind = quant_kind(base_layer)
     if kind is None:
         return None
-    return _SOURCES[kind](base_layer)
+    with torch._C.DisableTorchFunctionSubclass():  # cheap attribute reads (see cache_key)
+        return _SOURCES[kind](base_layer)
