@@ -99,9 +99,9 @@ def perturb_adapters(pm, seed=7):
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype))
             elif "lora_" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5).to(p.dtype))
+                p.copy_((torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5).to(device=p.device, dtype=p.dtype))
 
 
 def copy_adapters(src, dst):
@@ -515,14 +515,7 @@ def test_gpu_row_chunks_and_norm(kind, shape):
 
     d_out, d_in = shape
     torch.manual_seed(0)
-    lin = nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16)
-    if kind == "int8":
-        q = bnb.nn.Linear8bitLt(d_in, d_out, bias=False, has_fp16_weights=False, threshold=0.0)
-    else:
-        q = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=torch.bfloat16,
-                              compress_statistics=kind.endswith("-dq"), quant_type=kind[:3])
-    q.load_state_dict(lin.state_dict())
-    q = q.cuda()
+    q = quantize_linear(nn.Linear(d_in, d_out, bias=False).to(torch.bfloat16), kind, torch.bfloat16, "cuda")
     whole = dequantize_module_weight(q)
     src = quant_mod().quant_rows(q)
     step = 333  # cuts 4-bit blocks mid-way
