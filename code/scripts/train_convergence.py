@@ -82,7 +82,7 @@ EARLY_STEPS = 100  # "first 100 steps vs the rest" in the summary
 # name -> model and schedule; every field can be overridden from the command line
 PRESETS = {
     "small": dict(hidden=512, inter=1408, layers=6, heads=8, kv_heads=4, seq=512, batch=16,
-                  pretrain_steps=400, pretrain_lr=2e-3, steps=1000, grad_accum=4, lr=3e-4,
+                  pretrain_steps=600, pretrain_lr=2e-3, steps=1000, grad_accum=4, lr=3e-4,
                   rank=256, alpha=512, eval_every=50, eval_batches=4, seeds=[0, 1, 2]),
     # tiny: on the CPU the fused path runs Triton's interpreter, ~1 s per training step here
     "smoke": dict(hidden=32, inter=64, layers=1, heads=4, kv_heads=2, seq=32, batch=2,
@@ -134,15 +134,16 @@ def load_corpus(max_bytes: int | None = None, min_finetune_bytes: int = 1 << 20)
             if max_bytes and len(buf) >= max_bytes:
                 buf = buf[:max_bytes]
                 break
-        out[name] = torch.tensor(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
+        out[name] = torch.frombuffer(buf, dtype=torch.uint8).clone()  # buf is a writable bytearray
         out[f"{name}_files"] = len(names)
+        out[f"_{name}_list"] = names
         out[f"{name}_bytes"] = len(buf)
         out[f"{name}_sha256"] = hashlib.sha256(bytes(buf)).hexdigest()
     return out
 
 
 def corpus_meta(corpus: dict) -> dict:
-    return {k: v for k, v in corpus.items() if not isinstance(v, torch.Tensor)}
+    return {k: v for k, v in corpus.items() if not isinstance(v, torch.Tensor) and k[0] != "_"}
 
 
 def windows(stream: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
@@ -287,6 +288,7 @@ def dora_impl(impl: str):
 
 def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed: int,
              precision: str, logdir: str, steps: int, on_throughput=None) -> dict:
+    t_setup = time.perf_counter()
     """One DoRA fine-tuning run; returns per-step train losses and the eval curve."""
     import dorafactors
     from dorafactors.dora import DoraLinearLayer
@@ -320,15 +322,22 @@ def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed:
         warm = max(1, steps // 20)
         train, evals, grad_norms = [], {}, []
 
+        eval_s = []
+
         def do_eval(step):
-            evals[step] = evaluate(model, eval_data, b, device, amp)
+            t = time.perf_counter()
+            # rounded to fp32 as TensorBoard stores it, so the summary and the event files agree
+            evals[step] = float(torch.tensor(evaluate(model, eval_data, b, device, amp),
+                                             dtype=torch.float32))
             writer.add_scalar(EVAL_TAG, evals[step], step)
+            eval_s.append(time.perf_counter() - t)
 
         do_eval(0)
         model.train()
         bar = _bar(steps, f"{precision} {impl} seed {seed}")
         t0 = time.perf_counter()
-        t_mark = None
+        setup_s = t0 - t_setup
+        t_mark, eval_mark = None, 0
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, cfg["lr"], warm)
@@ -349,14 +358,17 @@ def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed:
             writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step + 1)
             if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
                 do_eval(step + 1)
-            if step == 4:
-                t_mark = time.perf_counter()  # past compilation and autotuning
-            if step == 24 and on_throughput is not None:
-                on_throughput((time.perf_counter() - t_mark) / 20, ga * b * seq)
+            if step == 4:  # time steps past compilation and autotuning, evals excluded
+                t_mark, eval_mark = time.perf_counter(), len(eval_s)
+            elif step == 24 and on_throughput is not None:
+                on_throughput((time.perf_counter() - t_mark - sum(eval_s[eval_mark:])) / 20,
+                              ga * b * seq)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
         wall = time.perf_counter() - t0
+        step_s = ((time.perf_counter() - t_mark - sum(eval_s[eval_mark:])) / (steps - 5)
+                  if t_mark is not None and steps > 5 else wall / steps)
         if bar is not None:
             bar.close()
         writer.close()
@@ -364,6 +376,7 @@ def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed:
     print(f"[{precision} {impl} seed {seed}] {steps} steps in {wall:.1f} s; train loss "
           f"{train[0]:.4f} -> {train[-1]:.4f}, eval {evals[0]:.4f} -> {evals[steps]:.4f}")
     return {"train": train, "eval": evals, "grad_norm": grad_norms, "wall_s": wall,
+            "setup_s": setup_s, "step_s": step_s, "eval_s": max(eval_s),
             "dora_modules": len(doras), "trainable_params": n_trainable}
 
 
@@ -490,6 +503,11 @@ def parse_args(argv=None):
                     help="steps of the fp32 control runs (default: --steps)")
     ap.add_argument("--rerun-control", action="store_true",
                     help="run eager seed <first> twice: the run-to-run floor of eager itself")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds of wall time for the whole script: after pretraining, short "
+                         "timing runs scale --steps (and the fp32 control) down to fit")
+    ap.add_argument("--calib-steps", type=int, default=25,
+                    help="steps of each throw-away timing run of --time-budget")
     ap.add_argument("--max-corpus-bytes", type=int, default=None,
                     help="cap each slice (the smoke preset caps at 256 KiB)")
     ap.add_argument("--target-mean", type=float, default=1e-3)
@@ -521,6 +539,56 @@ def write_summary(path: str, summary: dict) -> None:
     os.replace(tmp, path)
 
 
+def plan_steps(args, cfg: dict, base_state: dict, corpus: dict, device, t_start: float) -> dict:
+    """Fit the fine-tuning runs into ``--time-budget`` seconds of wall time (whole script).
+
+    Short throw-away runs time one step, one eval and the setup of every (precision, impl)
+    needed; then the requested step counts are scaled down (never up) so that all runs fit,
+    keeping the fp32-control/main ratio and whole eval intervals. Deciding before any logged
+    run starts keeps eager and fused of a seed on the same schedule.
+    """
+    want_main = cfg["steps"]
+    want_fp32 = args.fp32_control_steps or want_main
+    kinds = [("bf16", "eager"), ("bf16", "fused")]
+    if args.fp32_control_seeds:
+        kinds += [("fp32", "eager"), ("fp32", "fused")]
+    scratch = tempfile.mkdtemp(prefix="conv_calib_")
+    timing = {}
+    calib_cfg = dict(cfg, eval_every=10 ** 9)  # evals only at step 0 and the end
+    for precision, impl in kinds:
+        r = finetune(calib_cfg, base_state, corpus, device, impl, 0, precision,
+                     os.path.join(scratch, f"{precision}_{impl}"), args.calib_steps)
+        timing[f"{precision}_{impl}"] = {k: r[k] for k in ("setup_s", "step_s", "eval_s")}
+    n_main = 2 * len(cfg["seeds"])
+    n_fp32 = 2 * min(args.fp32_control_seeds, len(cfg["seeds"]))
+    ev = cfg["eval_every"]
+
+    def runs():  # (timing, steps share of the main count, how many such runs)
+        out = [(timing["bf16_eager"], 1.0, n_main // 2 + (1 if args.rerun_control else 0)),
+               (timing["bf16_fused"], 1.0, n_main // 2)]
+        if n_fp32:
+            out += [(timing["fp32_eager"], want_fp32 / want_main, n_fp32 // 2),
+                    (timing["fp32_fused"], want_fp32 / want_main, n_fp32 // 2)]
+        return out
+
+    fixed = sum(n * (t["setup_s"] + 2 * t["eval_s"]) for t, _, n in runs())
+    per_step = sum(n * share * (t["step_s"] + t["eval_s"] / ev) for t, share, n in runs())
+    left = args.time_budget - (time.perf_counter() - t_start)
+    usable = 0.92 * left - fixed  # margin for summaries, writers and timing noise
+    fit = int(usable / per_step) if usable > 0 else 0
+    steps = max(ev, min(want_main, fit // ev * ev))
+    fp32 = max(ev, min(want_fp32, int(steps * want_fp32 / want_main) // ev * ev))
+    plan = {"time_budget_s": args.time_budget, "left_after_calibration_s": left,
+            "requested_steps": want_main, "requested_fp32_control_steps": want_fp32,
+            "steps": steps, "fp32_control_steps": fp32, "timing": timing,
+            "predicted_s": fixed + per_step * steps}
+    print(f"[plan] {left:.0f} s left; per step " + ", ".join(
+        f"{k} {v['step_s'] * 1e3:.1f} ms" for k, v in timing.items())
+        + f"; {steps} steps per run (requested {want_main}), fp32 control {fp32}; "
+          f"predicted {plan['predicted_s']:.0f} s", flush=True)
+    return plan
+
+
 def main(argv=None) -> int:
     args, cfg = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -539,10 +607,14 @@ def main(argv=None) -> int:
     ckpt_dir = args.pretrained_dir or tempfile.mkdtemp(prefix="conv_base_")
     base = pretrain(cfg, corpus, device, args.out_dir, ckpt_dir)
 
+    fp32_steps = args.fp32_control_steps or cfg["steps"]
+    plan = None
+    if args.time_budget:
+        plan = plan_steps(args, cfg, base["state"], corpus, device, t_start)
+        cfg["steps"], fp32_steps = plan["steps"], plan["fp32_control_steps"]
     groups = [("bf16", "bf16", cfg["seeds"], cfg["steps"])]
     if args.fp32_control_seeds:
-        groups.append(("fp32_control", "fp32", cfg["seeds"][:args.fp32_control_seeds],
-                       args.fp32_control_steps or cfg["steps"]))
+        groups.append(("fp32_control", "fp32", cfg["seeds"][:args.fp32_control_seeds], fp32_steps))
     n_runs = sum(2 * len(s) for _, _, s, _ in groups) + (1 if args.rerun_control else 0)
     summary = {
         "what": "DoRA fine-tuning, dorafactors eager (PEFT_DORA_FUSED=0) vs fused (=1); "
@@ -550,6 +622,7 @@ def main(argv=None) -> int:
         "config": cfg, "environment": env, "corpus": meta,
         "pretrain": {"steps": cfg["pretrain_steps"], "final_loss": base["final_loss"],
                      "reused": base["reused"], "wall_s": base.get("wall_s")},
+        "plan": plan,
         "targets": {"mean_abs_dloss": args.target_mean, "final_eval_abs_dloss": args.target_eval},
         "groups": {}, "controls": {}, "complete": False,
     }
