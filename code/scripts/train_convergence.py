@@ -31,6 +31,7 @@ Output layout (what ``paper/generate_training_figure.py`` reads)::
                                                         eval/loss every --eval-every steps
     <out-dir>/fp32_control/{eager,fused}_seed<k>/       with --fp32-control-seeds N
     <out-dir>/controls/eager_rerun_seed<k>/             with --rerun-control
+    <out-dir>/controls/eager_ulp_seed<k>/               with --ulp-control (A x (1 + 2^-16))
 
 Usage::
 
@@ -78,6 +79,9 @@ except ImportError:  # pragma: no cover - tqdm ships with transformers
 
 TRAIN_TAG, EVAL_TAG = "train/loss", "eval/loss"
 EARLY_STEPS = 100  # "first 100 steps vs the rest" in the summary
+# --ulp-control scales lora_A by 1 + 2^-16: under bf16 autocast ~1/256 of A's elements then round
+# one bf16 ulp differently, a rounding-sized change of the size eager vs fused kernels make
+ULP_PERTURB = 2.0 ** -16
 
 # name -> model and schedule; every field can be overridden from the command line
 PRESETS = {
@@ -291,7 +295,7 @@ def dora_impl(impl: str):
 
 
 def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed: int,
-             precision: str, logdir: str, steps: int, on_throughput=None) -> dict:
+             precision: str, logdir: str, steps: int, on_throughput=None, perturb: float = 0.0) -> dict:
     t_setup = time.perf_counter()
     """One DoRA fine-tuning run; returns per-step train losses and the eval curve."""
     import dorafactors
@@ -310,6 +314,11 @@ def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed:
         lcfg = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0, use_dora=True,
                           target_modules="all-linear", bias="none")
         model = get_peft_model(model, lcfg)
+        if perturb:  # the butterfly control: A off by a rounding-sized amount, nothing else
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_A" in name:
+                        p.mul_(1.0 + perturb)
         doras = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
         if not doras:
             raise RuntimeError("dorafactors.enable() did not take effect: no dorafactors DoRA layers")
@@ -514,6 +523,9 @@ def parse_args(argv=None):
                          "timing runs scale --steps (and the fp32 control) down to fit")
     ap.add_argument("--calib-steps", type=int, default=25,
                     help="steps of each throw-away timing run of --time-budget")
+    ap.add_argument("--ulp-control", action="store_true",
+                    help="run eager seed <first> again with lora_A scaled by 1 + 2^-16: how far "
+                         "a rounding-sized difference alone carries a bf16 run")
     ap.add_argument("--max-corpus-bytes", type=int, default=None,
                     help="cap each slice (the smoke preset caps at 256 KiB)")
     ap.add_argument("--target-mean", type=float, default=1e-3)
@@ -570,7 +582,8 @@ def plan_steps(args, cfg: dict, base_state: dict, corpus: dict, device, t_start:
     ev = cfg["eval_every"]
 
     def runs():  # (timing, steps share of the main count, how many such runs)
-        out = [(timing["bf16_eager"], 1.0, n_main // 2 + (1 if args.rerun_control else 0)),
+        extra = int(args.rerun_control) + int(args.ulp_control)
+        out = [(timing["bf16_eager"], 1.0, n_main // 2 + extra),
                (timing["bf16_fused"], 1.0, n_main // 2)]
         if n_fp32:
             out += [(timing["fp32_eager"], want_fp32 / want_main, n_fp32 // 2),
@@ -621,7 +634,8 @@ def main(argv=None) -> int:
     groups = [("bf16", "bf16", cfg["seeds"], cfg["steps"])]
     if args.fp32_control_seeds:
         groups.append(("fp32_control", "fp32", cfg["seeds"][:args.fp32_control_seeds], fp32_steps))
-    n_runs = sum(2 * len(s) for _, _, s, _ in groups) + (1 if args.rerun_control else 0)
+    n_extra = int(args.rerun_control) + int(args.ulp_control)
+    n_runs = sum(2 * len(s) for _, _, s, _ in groups) + n_extra
     summary = {
         "what": "DoRA fine-tuning, dorafactors eager (PEFT_DORA_FUSED=0) vs fused (=1); "
                 "|Δ| = |fused - eager| of per-step train loss and of eval loss, nats/byte",
@@ -639,7 +653,7 @@ def main(argv=None) -> int:
         if announced:
             return
         announced.append(1)
-        total = sum(2 * len(s) * st for _, _, s, st in groups) + (cfg["steps"] if args.rerun_control else 0)
+        total = sum(2 * len(s) * st for _, _, s, st in groups) + n_extra * cfg["steps"]
         print(f"[throughput] {s_per_step * 1e3:.1f} ms/step, {tokens / s_per_step:,.0f} tokens/s; "
               f"~{total * s_per_step / 60:.1f} min for all {n_runs} runs ({total} steps) at this rate",
               flush=True)
@@ -668,25 +682,32 @@ def main(argv=None) -> int:
             summary["groups"][name] = g
             write_summary(args.summary, summary)
 
+    controls = []
     if args.rerun_control:
+        controls.append(("eager_rerun", 0.0))
+    if args.ulp_control:
+        controls.append(("eager_ulp", ULP_PERTURB))
+    for name, perturb in controls:
         seed = cfg["seeds"][0]
         again = finetune(cfg, base["state"], corpus, device, "eager", seed, "bf16",
-                         os.path.join(args.out_dir, "controls", f"eager_rerun_seed{seed}"),
-                         cfg["steps"])
+                         os.path.join(args.out_dir, "controls", f"{name}_seed{seed}"),
+                         cfg["steps"], perturb=perturb)
         st = pair_stats(results[("bf16", "eager", seed)], again)
         st.pop("eval_abs")
-        summary["controls"]["eager_rerun"] = dict(st, seed=seed, bitwise_identical=st["max_abs"] == 0.0
-                                                  and st["final_eval_abs"] == 0.0)
+        summary["controls"][name] = dict(st, seed=seed, perturb_lora_A=perturb,
+                                         bitwise_identical=st["max_abs"] == 0.0
+                                         and st["final_eval_abs"] == 0.0)
+        write_summary(args.summary, summary)
 
     summary["complete"] = True
     summary["wall_s"] = time.perf_counter() - t_start
     write_summary(args.summary, summary)
     for name in summary["groups"]:
         print_table(name, summary["groups"][name])
-    if "eager_rerun" in summary["controls"]:
-        c = summary["controls"]["eager_rerun"]
-        print(f"\neager rerun control (seed {c['seed']}): mean |Δ| {c['mean_abs']:.2e}, max |Δ| "
-              f"{c['max_abs']:.2e}, final eval |Δ| {c['final_eval_abs']:.2e}")
+    for name, c in summary["controls"].items():
+        print(f"\n{name} vs eager (bf16, seed {c['seed']}): mean |Δ| {c['mean_abs']:.2e}, max |Δ| "
+              f"{c['max_abs']:.2e}, first {EARLY_STEPS} steps {c[f'first{EARLY_STEPS}_mean_abs']:.2e}, "
+              f"final eval |Δ| {c['final_eval_abs']:.2e}")
     print(f"\n[done] {summary['wall_s']:.0f} s; summary: {args.summary}; runs: {args.out_dir}")
     return 0
 
