@@ -294,34 +294,82 @@ def dora_impl(impl: str):
             os.environ["PEFT_DORA_FUSED"] = old
 
 
-def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed: int,
-             precision: str, logdir: str, steps: int, on_throughput=None, perturb: float = 0.0) -> dict:
-    t_setup = time.perf_counter()
-    """One DoRA fine-tuning run; returns per-step train losses and the eval curve."""
+def dora_model(cfg: dict, base_state: dict, device, dtype, seed: int, perturb: float = 0.0):
+    """The pretrained base with DoRA on every linear layer (call inside :func:`dora_impl`)."""
     import dorafactors
     from dorafactors.dora import DoraLinearLayer
     from peft import LoraConfig, get_peft_model
+
+    dorafactors.enable()
+    model = build_model(cfg)
+    model.load_state_dict(base_state)
+    model.to(device=device, dtype=dtype)
+    torch.manual_seed(seed)  # the adapter init: same for eager and fused
+    lcfg = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0, use_dora=True,
+                      target_modules="all-linear", bias="none")
+    model = get_peft_model(model, lcfg)
+    if perturb:  # the butterfly control: A off by a rounding-sized amount, nothing else
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.mul_(1.0 + perturb)
+    doras = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    if not doras:
+        raise RuntimeError("dorafactors.enable() did not take effect: no dorafactors DoRA layers")
+    return model, len(doras)
+
+
+def init_check(cfg: dict, base_state: dict, corpus: dict, device) -> dict:
+    """Eager vs fused on the same weights before any update (B = 0, so DoRA is the identity):
+    how far apart are the adapted layers' outputs, the logits and the loss of one batch?"""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    amp = device.type == "cuda" or cfg["cpu_amp"]
+    batch = eval_windows(corpus["eval"], cfg["batch"], cfg["seq"]).to(device)
+    got = {}
+    for impl in ("eager", "fused"):
+        with dora_impl(impl):
+            model, _ = dora_model(cfg, base_state, device, torch.bfloat16, cfg["seeds"][0])
+            outs, ins = {}, {}
+
+            def keep(name):
+                def hook(mod, args, out):
+                    outs[name], ins[name] = out.detach().float(), args[0].detach().float()
+                return hook
+
+            hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()
+                     if isinstance(m, LoraLinear)]
+            with autocast_ctx(device, amp):  # grad enabled: the training forward of step 1
+                logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            for h in hooks:
+                h.remove()
+            got[impl] = (outs, ins, logits.detach(), float(loss))
+            del model
+    (eo, ei, el, eloss), (fo, fi, fl, floss) = got["eager"], got["fused"]
+    differing = [n for n in eo if not torch.equal(eo[n], fo[n])]  # forward order
+    first = differing[0] if differing else None
+    return {
+        "loss_abs": abs(floss - eloss),
+        "logits_max_abs": float((fl - el).abs().max()),
+        "modules": len(eo),
+        "modules_output_differs": len(differing),
+        "first_differing": first,
+        "first_differing_input_identical": bool(torch.equal(ei[first], fi[first])) if first else None,
+        "first_differing_output_max_abs": float((eo[first] - fo[first]).abs().max()) if first else 0.0,
+    }
+
+
+def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed: int,
+             precision: str, logdir: str, steps: int, on_throughput=None, perturb: float = 0.0) -> dict:
+    """One DoRA fine-tuning run; returns per-step train losses and the eval curve."""
     from torch.utils.tensorboard import SummaryWriter
 
+    t_setup = time.perf_counter()
     amp = precision == "bf16" and (device.type == "cuda" or cfg["cpu_amp"])
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with dora_impl(impl):
-        dorafactors.enable()
-        model = build_model(cfg)
-        model.load_state_dict(base_state)
-        model.to(device=device, dtype=dtype)
-        torch.manual_seed(seed)  # the adapter init: same for eager and fused
-        lcfg = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0, use_dora=True,
-                          target_modules="all-linear", bias="none")
-        model = get_peft_model(model, lcfg)
-        if perturb:  # the butterfly control: A off by a rounding-sized amount, nothing else
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "lora_A" in name:
-                        p.mul_(1.0 + perturb)
-        doras = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
-        if not doras:
-            raise RuntimeError("dorafactors.enable() did not take effect: no dorafactors DoRA layers")
+        model, n_dora = dora_model(cfg, base_state, device, dtype, seed, perturb)
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=0.0)
@@ -390,7 +438,7 @@ def finetune(cfg: dict, base_state: dict, corpus: dict, device, impl: str, seed:
           f"{train[0]:.4f} -> {train[-1]:.4f}, eval {evals[0]:.4f} -> {evals[steps]:.4f}")
     return {"train": train, "eval": evals, "grad_norm": grad_norms, "wall_s": wall,
             "setup_s": setup_s, "step_s": step_s, "eval_s": max(eval_s),
-            "dora_modules": len(doras), "trainable_params": n_trainable}
+            "dora_modules": n_dora, "trainable_params": n_trainable}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,6 +674,11 @@ def main(argv=None) -> int:
     ckpt_dir = args.pretrained_dir or tempfile.mkdtemp(prefix="conv_base_")
     base = pretrain(cfg, corpus, device, args.out_dir, ckpt_dir)
 
+    init = init_check(cfg, base["state"], corpus, device)
+    print(f"[init check] eager vs fused, same weights, B = 0: loss |Δ| {init['loss_abs']:.2e}, "
+          f"logits max |Δ| {init['logits_max_abs']:.2e}, {init['modules_output_differs']}/"
+          f"{init['modules']} adapted layers differ (first: {init['first_differing']}, its input "
+          f"identical: {init['first_differing_input_identical']})", flush=True)
     fp32_steps = args.fp32_control_steps or cfg["steps"]
     plan = None
     if args.time_budget:
@@ -642,7 +695,7 @@ def main(argv=None) -> int:
         "config": cfg, "environment": env, "corpus": meta,
         "pretrain": {"steps": cfg["pretrain_steps"], "final_loss": base["final_loss"],
                      "reused": base["reused"], "wall_s": base.get("wall_s")},
-        "plan": plan,
+        "plan": plan, "init_check": init,
         "targets": {"mean_abs_dloss": args.target_mean, "final_eval_abs_dloss": args.target_eval},
         "groups": {}, "controls": {}, "complete": False,
     }
