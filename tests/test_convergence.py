@@ -84,6 +84,9 @@ def test_smoke_event_files_and_tags(smoke_run):
     assert summary["config"]["preset"] == "smoke"
     assert summary["environment"]["torch"] and "peft" in summary["environment"]
     assert "== bf16: eager vs fused" in stdout and "target met" in stdout
+    ic = summary["init_check"]
+    assert ic["modules"] == 7 and 0 <= ic["modules_output_differs"] <= ic["modules"]
+    assert math.isfinite(ic["loss_abs"]) and math.isfinite(ic["logits_max_abs"])
 
 
 def test_smoke_summary_matches_event_files(smoke_run):
