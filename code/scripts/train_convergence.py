@@ -579,6 +579,8 @@ def parse_args(argv=None):
     ap.add_argument("--target-mean", type=float, default=1e-3)
     ap.add_argument("--target-eval", type=float, default=1e-4)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--no-deterministic", action="store_true",
+                    help="leave torch.use_deterministic_algorithms off (to measure what it costs)")
     ap.add_argument("--cpu-amp", action="store_true",
                     help="use bf16 autocast on the CPU as well (default there: off unless --smoke)")
     args = ap.parse_args(argv)
@@ -660,7 +662,7 @@ def main(argv=None) -> int:
     args, cfg = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # same kernels, same order, run to run: what is left between eager and fused is the kernels
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(not args.no_deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = False
     t_start = time.perf_counter()
     corpus = load_corpus(args.max_corpus_bytes)
@@ -695,7 +697,7 @@ def main(argv=None) -> int:
         "config": cfg, "environment": env, "corpus": meta,
         "pretrain": {"steps": cfg["pretrain_steps"], "final_loss": base["final_loss"],
                      "reused": base["reused"], "wall_s": base.get("wall_s")},
-        "plan": plan, "init_check": init,
+        "plan": plan, "init_check": init, "deterministic": not args.no_deterministic,
         "targets": {"mean_abs_dloss": args.target_mean, "final_eval_abs_dloss": args.target_eval},
         "groups": {}, "controls": {}, "complete": False,
     }
