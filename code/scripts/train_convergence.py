@@ -304,10 +304,22 @@ def dora_model(cfg: dict, base_state: dict, device, dtype, seed: int, perturb: f
     model = build_model(cfg)
     model.load_state_dict(base_state)
     model.to(device=device, dtype=dtype)
+    exact = cfg["magnitude_init"] == "exact" and dtype != torch.float32
+    if exact:
+        # PEFT builds m while the adapters still have the base's bf16 dtype, so m starts as the
+        # bf16-rounded norm and g = m/n is off 1 by up to ~2^-9 at step 0; eager (rounds (g-1)·base,
+        # then the sum) and fused (rounds g·base once) then differ by an ulp from the first forward.
+        # "exact": build the adapters on the bf16-valued weights held in fp32, then store the frozen
+        # weights in bf16 again, so m is the fp32 norm of the very weights the forward uses (g = 1)
+        model.float()
     torch.manual_seed(seed)  # the adapter init: same for eager and fused
     lcfg = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0, use_dora=True,
                       target_modules="all-linear", bias="none")
     model = get_peft_model(model, lcfg)
+    if exact:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
     if perturb:  # the butterfly control: A off by a rounding-sized amount, nothing else
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -557,6 +569,9 @@ def parse_args(argv=None):
                  "hidden", "inter", "layers", "heads", "kv_heads"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--magnitude-init", choices=("peft", "exact"), default="peft",
+                    help="peft: as PEFT does on a bf16 model (m = bf16-rounded norm, g != 1 at step "
+                         "0); exact: m = fp32 norm of the bf16 weights (g = 1 at step 0)")
     ap.add_argument("--attn", choices=("eager", "sdpa"), default=None,
                     help="attention implementation (default eager: bitwise repeatable backward)")
     ap.add_argument("--pretrain-lr", type=float, default=None)
@@ -591,6 +606,7 @@ def parse_args(argv=None):
         if v is not None and k != "preset":
             cfg[k] = v
     cfg["pretrain_seed"] = args.pretrain_seed
+    cfg["magnitude_init"] = args.magnitude_init
     cfg["cpu_amp"] = args.cpu_amp or args.smoke
     if args.max_corpus_bytes is None and preset == "smoke":
         args.max_corpus_bytes = 256 * 1024
