@@ -170,3 +170,31 @@ def test_stats_and_schedule():
     assert tc.lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert tc.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
     assert all(tc.lr_at(s + 1, 100, 1.0, 10) <= tc.lr_at(s, 100, 1.0, 10) for s in range(9, 99))
+
+
+def test_exact_magnitude_init_makes_eager_and_fused_agree_at_init():
+    """PEFT on a bf16 model starts m at the bf16-rounded norm (g != 1), so eager and fused round
+    differently from the first forward; --magnitude-init exact starts m at the fp32 norm of the
+    bf16 weights (g = 1) and both paths return the base output exactly."""
+    import torch
+
+    tc = _load_script()
+    _, cfg = tc.parse_args(["--smoke"])
+    corpus = tc.load_corpus(max_bytes=16384)
+    torch.manual_seed(0)
+    base = tc.build_model(cfg).state_dict()
+    for mode, want_exact in (("peft", False), ("exact", True)):
+        cfg["magnitude_init"] = mode
+        with tc.dora_impl("eager"):
+            model, _ = tc.dora_model(cfg, base, torch.device("cpu"), torch.bfloat16, 0)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert frozen == {torch.bfloat16} and trained == {torch.float32}
+        rel = max(float(((mod.lora_magnitude_vector["default"].weight
+                          - torch.linalg.vector_norm(mod.base_layer.weight.float(), dim=1)).abs()
+                         / torch.linalg.vector_norm(mod.base_layer.weight.float(), dim=1)).max())
+                  for mod in model.modules() if hasattr(mod, "lora_magnitude_vector")
+                  and "default" in mod.lora_magnitude_vector)
+        assert (rel == 0.0) is want_exact, (mode, rel)
+    ic = tc.init_check(cfg, base, corpus, torch.device("cpu"))  # cfg: exact
+    assert ic["modules_output_differs"] == 0 and ic["loss_abs"] == 0.0, ic
