@@ -20,6 +20,10 @@ Nothing can be downloaded where this runs, so the whole pipeline is built offlin
    (DESIGN.md): bf16 base model, PEFT's default fp32 adapter weights, ``torch.autocast(bf16)``.
    AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping. For one
    seed, eager and fused see the same adapter init and the same batches in the same order.
+   ``--magnitude-init exact`` starts ``m`` at the fp32 norm of the bf16 weights (``g = 1``);
+   ``peft`` (default, what users get) starts it at the bf16-rounded norm, see ``dora_model``.
+4. Diagnostics: an init check (eager vs fused on the same weights before any update), an fp32
+   control, an eager rerun and an eager run with ``lora_A`` off by a rounding-sized amount.
 
 Runs are ordered seed by seed (eager then fused), and the summary JSON is rewritten after every
 completed pair, so a run cut short still leaves complete pairs behind.
