@@ -140,6 +140,17 @@ def test_training_figure_reads_smoke_runs(smoke_run, tmp_path):
     assert mx == pytest.approx(g["max_abs_dloss"], rel=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def _restore_plugin_state():
+    """The script enables dorafactors globally (it is a program); leave the test session as found."""
+    import dorafactors
+
+    was = dorafactors.is_enabled()
+    yield
+    if dorafactors.is_enabled() and not was:
+        dorafactors.disable()
+
+
 def test_corpus_slices_disjoint_and_deterministic():
     tc = _load_script()
     a = tc.load_corpus(max_bytes=4096)
