@@ -35,6 +35,8 @@ from torch import nn
 from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from peft.utils.other import transpose
 
+from .dora_distributed import is_managed as _is_managed
+from .dora_distributed import sharded_row_norm as _sharded_row_norm
 from .dora_env import get_config
 
 __all__ = [
@@ -487,6 +489,8 @@ class DoraLinearLayer(nn.Module):
 
     def row_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         """Factored ``n`` [d_out] (fp32, detached), reused while ``W, A, B, s`` are unchanged."""
+        if _is_managed(weight, lora_A, lora_B, self.weight):  # FSDP2 / ZeRO-3: see dora_distributed.py
+            return _sharded_row_norm(self, weight, lora_A, lora_B, scaling, _global_epoch)
         W = self._weight_rows(weight)
         cfg = get_config()
         cache = self._norm_cache

@@ -23,6 +23,7 @@ from torch import nn
 from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 
+from .dora_distributed import mark_zero3_leaf
 from .dora import DoraConv1dLayer, DoraConv2dLayer, DoraConv3dLayer, DoraEmbeddingLayer, DoraLinearLayer
 
 __all__ = [
@@ -77,6 +78,7 @@ class DoraLinearVariant:
     @classmethod
     def init(cls, module, adapter_name: str, **kwargs: Any) -> None:
         _register_magnitude(module)
+        mark_zero3_leaf(module)  # ZeRO-3 fetches W, A, B and m together for this layer (dora_distributed.py)
         layer = cls._make_layer(module)
         lora_A, lora_B = cls._adapter_weights(module, adapter_name)
         place_on_cpu = False
