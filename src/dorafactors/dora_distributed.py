@@ -8,12 +8,12 @@ Inside a sharded layer's forward the engines usually have them materialized alre
   when the norm runs and nothing here is involved. A parameter of a unit that is *not* running
   (e.g. each ``nn.Linear`` wrapped on its own: the base layer has resharded by the time the DoRA
   term runs, ``lora_A``/``lora_B`` have not unsharded yet) is a ``DTensor``.
-* ZeRO-3 fetches a module's own parameters around that module's forward only. The DoRA layer is
-  called by the LoRA layer, not through ``nn.Module.__call__``, so its magnitude ``m`` would never be
-  fetched: :func:`mark_zero3_leaf` (called for every DoRA LoRA layer at init) makes the whole LoRA
-  layer one ZeRO-3 leaf module, DeepSpeed's own mechanism for modules whose parameters are used
-  together, and it then fetches ``W``, ``A``, ``B`` and ``m`` for the LoRA layer's forward and
-  backward. ``W`` is fetched for the base matmul anyway, so this gathers nothing extra.
+* ZeRO-3 fetches a module's own parameters around that module's forward (and keeps recently used
+  ones). Our DoRA layer is normally called by the variant directly (so the fused compose can take
+  the running result); under ZeRO-3 the variant calls it through ``nn.Module.__call__``, as
+  upstream PEFT does, so DeepSpeed fetches the magnitude ``m`` for forward and backward (the
+  compose is then the eager one). ``W``, ``A`` and ``B`` belong to other modules: when DeepSpeed
+  has released them at the time the norm runs, the norm gathers them itself.
 
 What the norm does with a parameter an engine manages (``PEFT_FORCE_GATHER``):
 
@@ -58,7 +58,6 @@ from .dora_env import get_config
 __all__ = [
     "STATS",
     "is_managed",
-    "mark_zero3_leaf",
     "reset_stats",
     "sharded_row_norm",
 ]
@@ -107,17 +106,6 @@ def _describe(t: Any) -> str:
     if _is_dtensor(t):
         return f"an FSDP2 DTensor (shape {tuple(t.shape)}, placements {t.placements})"
     return f"a tensor of shape {tuple(t.shape)}"
-
-
-def mark_zero3_leaf(module: nn.Module) -> None:
-    """Make a LoRA layer one DeepSpeed ZeRO-3 leaf module (DeepSpeed's ``set_z3_leaf_module`` flag).
-
-    ZeRO-3 then fetches the layer's base weight, LoRA factors and DoRA magnitude together for its
-    forward and backward. Harmless without DeepSpeed (nothing else reads the attribute). Takes
-    effect for engines created afterwards; for a model already wrapped, DeepSpeed honours it at the
-    next forward but keeps its hooks on the children (still correct).
-    """
-    module._z3_leaf = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +161,8 @@ def _zero3_full(p) -> torch.Tensor:
     if hasattr(part, "ds_quant_scale") or str(getattr(part, "final_location", "")).endswith("nvme"):
         raise NotImplementedError(
             f"dorafactors cannot gather {_describe(p)}: its partition is ZeRO++-quantized or on NVMe; "
-            "keep the DoRA layers as ZeRO-3 leaf modules (the default) so DeepSpeed materializes them"
+            "the norm's own gather supports plain partitions only (unset PEFT_FORCE_GATHER to use parameters "
+            "DeepSpeed has materialized)"
         )
     group = p.ds_process_group
     device = _collective_device(group, part.device)
@@ -328,7 +317,7 @@ def sharded_row_norm(layer, weight, lora_A, lora_B, scaling: float, epoch: int) 
 
     Raises:
         RuntimeError: ``PEFT_FORCE_GATHER=0`` and a parameter the norm needs is not materialized,
-            or the layer's magnitude is partitioned (the layer is not a ZeRO-3 leaf module).
+            or the layer's magnitude is partitioned (the layer was not called through ``__call__``).
     """
     from .dora import DORA_NORM_EPS
 
@@ -336,9 +325,8 @@ def sharded_row_norm(layer, weight, lora_A, lora_B, scaling: float, epoch: int) 
     magnitude = layer.weight
     if _is_zero3(magnitude) and not _materialized(magnitude):
         raise RuntimeError(
-            f"the DoRA magnitude is {_describe(magnitude)}, not materialized in the forward: the LoRA layer "
-            "holding it must be a ZeRO-3 leaf module (dorafactors marks it at init; for a model built "
-            "otherwise call dorafactors.dora_distributed.mark_zero3_leaf(lora_layer) before deepspeed.initialize)"
+            f"the DoRA magnitude is {_describe(magnitude)}, not materialized in the forward: call the DoRA "
+            "layer through nn.Module.__call__ (as dorafactors' variants do under ZeRO-3) so DeepSpeed fetches it"
         )
     if _is_dtensor(magnitude) and not _materialized(magnitude):
         raise RuntimeError(

@@ -23,8 +23,8 @@ from torch import nn
 from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 
-from .dora_distributed import mark_zero3_leaf
 from .dora import DoraConv1dLayer, DoraConv2dLayer, DoraConv3dLayer, DoraEmbeddingLayer, DoraLinearLayer
+from .dora_distributed import is_managed
 
 __all__ = [
     "DoraConv1dVariant",
@@ -78,7 +78,6 @@ class DoraLinearVariant:
     @classmethod
     def init(cls, module, adapter_name: str, **kwargs: Any) -> None:
         _register_magnitude(module)
-        mark_zero3_leaf(module)  # ZeRO-3 fetches W, A, B and m together for this layer (dora_distributed.py)
         layer = cls._make_layer(module)
         lora_A, lora_B = cls._adapter_weights(module, adapter_name)
         place_on_cpu = False
@@ -159,8 +158,9 @@ class DoraLinearVariant:
         layer = module.lora_magnitude_vector[active_adapter]
         kwargs = dict(lora_A=lora_A, lora_B=lora_B, scaling=module.scaling[active_adapter],
                       base_layer=module.get_base_layer(), **_adapter_kwarg(layer, active_adapter))
-        if hasattr(layer, "forward_output"):  # ours: may take the fused path
+        if hasattr(layer, "forward_output") and not is_managed(layer.weight):  # ours: may take the fused path
             return layer.forward_output(x, result, dropout_active=dropout_active, **kwargs)
+        # a ZeRO-3 magnitude is fetched only around its module's own forward: call it through __call__
         delta = layer(x, base_result=None if dropout_active else result, **kwargs)
         return result + delta.to(result.dtype)
 
