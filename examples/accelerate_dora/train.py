@@ -50,13 +50,11 @@ def build_model(args):
     return LlamaForCausalLM(LlamaConfig(max_position_embeddings=args.seq, **SIZES[args.size]))
 
 
-def batches(args, vocab: int, rank: int):
-    """Endless micro-batches of 'next token = previous + 1 (mod vocab)', different on every rank."""
-    gen = torch.Generator().manual_seed(1000 + rank)
-    steps = torch.arange(args.seq)
-    while True:
-        start = torch.randint(0, vocab, (args.batch, 1), generator=gen)
-        yield (start + steps) % vocab
+def dataset(args, vocab: int, world: int):
+    """Sequences of 'next token = previous + 1 (mod vocab)' from random starts, enough for every rank."""
+    gen = torch.Generator().manual_seed(1000)
+    start = torch.randint(0, vocab, (args.steps * args.batch * world, 1), generator=gen)
+    return torch.utils.data.TensorDataset((start + torch.arange(args.seq)) % vocab)
 
 
 def main(argv=None) -> None:
@@ -75,12 +73,12 @@ def main(argv=None) -> None:
         model.print_trainable_parameters()
     vocab = model.config.vocab_size  # before prepare: the wrapped model may not expose .config
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # a DataLoader (DeepSpeed takes its micro-batch size from it); prepare() splits it over the ranks
+    loader = torch.utils.data.DataLoader(dataset(args, vocab, accelerator.num_processes), batch_size=args.batch)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
-    data = batches(args, vocab, accelerator.process_index)
     t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids = next(data).to(accelerator.device)
+    for step, (ids,) in enumerate(loader, start=1):
         with accelerator.accumulate(model):
             loss = model(input_ids=ids, labels=ids).loss
             accelerator.backward(loss)
