@@ -259,7 +259,10 @@ def invalidate_norm_cache(module: Optional[nn.Module] = None) -> None:
 def _tensor_key(t: torch.Tensor) -> tuple:
     # views (A.T, reshapes) are new objects every call: key on the tensor that owns the storage
     owner = t._base if t._base is not None else t
-    return (id(owner), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+    # the storage object, not its address: FSDP2 re-allocates an unsharded parameter's storage in place
+    # on every all-gather (same object, new address, same values for a frozen W)
+    storage = (t.untyped_storage()._cdata, t.storage_offset())
+    return (id(owner), storage, t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
 
 
 class _NormCache:

@@ -123,8 +123,9 @@ def _stable_key(t: Any) -> tuple:
                 tuple(t.placements))
     owner = t._base if t._base is not None else t
     # no data_ptr: a plain tensor here is typically an FSDP unit's unsharded parameter, whose
-    # storage is re-allocated on every all-gather (at a rank-dependent address)
-    return ("t", id(owner), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+    # storage object is re-allocated in place on every all-gather (at a rank-dependent address)
+    return ("t", id(owner), t.untyped_storage()._cdata, t._version, t.dtype, t.device, tuple(t.shape),
+            tuple(t.stride()))
 
 
 # ---------------------------------------------------------------------------------------------
