@@ -492,7 +492,7 @@ class DoraLinearLayer(nn.Module):
 
     def row_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         """Factored ``n`` [d_out] (fp32, detached), reused while ``W, A, B, s`` are unchanged."""
-        if _is_managed(weight, lora_A, lora_B, self.weight):  # FSDP2 / ZeRO-3: see dora_distributed.py
+        if _is_managed(weight, lora_A, lora_B):  # FSDP2 / ZeRO-3: see dora_distributed.py
             return _sharded_row_norm(self, weight, lora_A, lora_B, scaling, _global_epoch)
         W = self._weight_rows(weight)
         cfg = get_config()

@@ -323,7 +323,7 @@ def sharded_row_norm(layer, weight, lora_A, lora_B, scaling: float, epoch: int) 
     from .dora import DORA_NORM_EPS
 
     cfg = get_config()
-    magnitude = layer.weight
+    magnitude = getattr(layer, "weight", None)
     if _is_zero3(magnitude) and not _materialized(magnitude):
         raise RuntimeError(
             f"the DoRA magnitude is {_describe(magnitude)}, not materialized in the forward: call the DoRA "
