@@ -74,6 +74,7 @@ PHASES = {
 }
 ENV_NAMES = ("PEFT_FORCE_GATHER", "PEFT_DORA_ALLOW_PARTIAL_GATHER")
 KINDS = ("lora_A", "lora_B", "lora_magnitude_vector")
+NORMS: dict = {}  # the last phase's count of norm computations by our layers
 
 
 def parse_args(argv=None):
@@ -186,10 +187,13 @@ def run_single(impl, args):
     static = _reset_memory()
     names = trainable_names(model)
     params = dict(model.named_parameters())
+    gen0 = _norm_generations(model)
     losses, grads, times = train(
         args, lambda: model(input_ids=ids, labels=ids).loss, lambda loss: loss.backward(),
         lambda: (opt.step(), opt.zero_grad(set_to_none=True)),
         lambda: {n: params[n].grad.float().cpu() for n in names})
+    NORMS["computed"] = _norm_generations(model) - gen0
+    _repeat_eval(model, lambda: model(input_ids=ids, labels=ids))
     return [l.item() for l in losses], grads, times, static, _peak()
 
 
@@ -219,9 +223,12 @@ def run_fsdp2(impl, wrapping, args, rank, world):
                 out[n] = full.cpu()
         return out
 
+    gen0 = _norm_generations(model)
     losses, grads_, times = train(
         args, lambda: model(input_ids=ids, labels=ids).loss, lambda loss: loss.backward(),
         lambda: (opt.step(), opt.zero_grad(set_to_none=True)), grads)
+    NORMS["computed"] = _norm_generations(model) - gen0
+    _repeat_eval(model, lambda: model(input_ids=ids, labels=ids))
     return _mean_losses(losses, world), grads_, times, static, _peak()
 
 
@@ -248,12 +255,48 @@ def run_zero3(impl, args, rank, world):
                 out[n] = full.cpu()
         return out
 
+    gen0 = _norm_generations(model)
     losses, grads_, times = train(
         args, lambda: engine(input_ids=ids, labels=ids).loss, engine.backward, engine.step, grads)
+    NORMS["computed"] = _norm_generations(model) - gen0
+    _repeat_eval(model, lambda: engine(input_ids=ids, labels=ids))
     out = (_mean_losses(losses, world), grads_, times, static, _peak())
     if hasattr(engine, "destroy"):
         engine.destroy()
     return out
+
+
+class _FusedCounter:
+    """Counts calls of the fused compose (``dora_fused.compose_trusted``, looked up at call time)."""
+
+    def __init__(self):
+        from dorafactors import dora_fused
+
+        self.module, self.calls = dora_fused, 0
+        self.original = dora_fused.compose_trusted
+
+        def counted(*a, **k):
+            self.calls += 1
+            return self.original(*a, **k)
+
+        dora_fused.compose_trusted = counted
+
+    def close(self):
+        self.module.compose_trusted = self.original
+
+
+def _repeat_eval(model, forward) -> None:
+    """Two no-grad forwards on unchanged weights: the second must reuse every cached norm."""
+    with torch.no_grad():
+        forward()
+        before = _norm_generations(model)
+        forward()
+        NORMS["recomputed_in_repeat_eval"] = _norm_generations(model) - before
+
+
+def _norm_generations(model) -> int:
+    """Norm-cache refills and clears of our layers (each refill is a norm computation)."""
+    return sum(getattr(getattr(m, "_norm_cache", None), "generation", 0) for m in model.modules())
 
 
 def _mean_losses(losses, world):
@@ -296,11 +339,12 @@ def versions() -> dict:
 def summary_table(report: dict) -> str:
     gib = 2**30
     rows = ["| phase | loss0 | loss1 | Δloss0 vs single | rel L2 grad A / B / m vs single | "
-            "peak GiB per GPU | static GiB | step s | norm: gathers (full/partial/none/cache hits) | error |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "peak GiB per GPU | static GiB | step s | norm: gathers (full/partial/none/cache hits) | norms computed (repeat eval) | "
+            "fused composes | error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ph in report["phases"].items():
         if "error" in ph:
-            rows.append(f"| {name} | | | | | | | | | {ph['error'][:140]} |")
+            rows.append(f"| {name} | | | | | | | | | | | {ph['error'][:140]} |")
             continue
         vs = ph.get("vs_single", {})
         rel = " / ".join(f"{vs[k]['rel_l2']:.2e}" if k in vs else "-" for k in KINDS)
@@ -313,7 +357,9 @@ def summary_table(report: dict) -> str:
             f"{'' if d0 is None else f'{d0:+.2e}'} | {rel} | "
             f"{' / '.join(f'{m / gib:.2f}' for m in ph['peak_bytes'])} | "
             f"{' / '.join(f'{m / gib:.2f}' for m in ph['static_bytes'])} | "
-            f"{(sum(ph['step_s']) / len(ph['step_s'])) if ph['step_s'] else float('nan'):.3f} | {gathers} | |")
+            f"{(sum(ph['step_s']) / len(ph['step_s'])) if ph['step_s'] else float('nan'):.3f} | {gathers} | "
+            f"{ph.get('norms_computed')} ({ph.get('norms_recomputed_in_repeat_eval')}) | "
+            f"{ph.get('fused_compose_calls')} | |")
     return "\n".join(rows)
 
 
@@ -346,6 +392,8 @@ def main(argv=None) -> int:
         dorafactors.disable()
         t0 = time.perf_counter()
         entry = {"engine": engine, "impl": impl, "wrapping": wrapping, "env": env}
+        NORMS.clear()
+        fused = _FusedCounter()
         try:
             if engine == "single":
                 losses, grads, times, static, peak = run_single(impl, args)
@@ -358,7 +406,9 @@ def main(argv=None) -> int:
             dist.all_gather_object(peaks, peak)
             dist.all_gather_object(statics, static)
             entry.update(losses=losses, step_s=times, peak_bytes=peaks, static_bytes=statics,
-                         norm_stats=dict(dora_distributed.STATS))
+                         norm_stats=dict(dora_distributed.STATS), norms_computed=NORMS.get("computed"),
+                         norms_recomputed_in_repeat_eval=NORMS.get("recomputed_in_repeat_eval"),
+                         fused_compose_calls=fused.calls)
             if rank == 0:
                 if engine == "single":
                     refs[impl] = (losses, grads)
@@ -373,6 +423,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
             entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             entry["traceback"] = traceback.format_exc()[-4000:]
+        finally:
+            fused.close()
         entry["wall_s"] = time.perf_counter() - t0
         report["phases"][name] = entry
         _reset_memory()
