@@ -112,9 +112,10 @@ def device() -> torch.device:
 
 
 def build(impl: str, args, dtype: torch.dtype):
-    import dorafactors
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dorafactors
 
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=args.seq, **MODELS[args.model])
@@ -339,7 +340,8 @@ def versions() -> dict:
 def summary_table(report: dict) -> str:
     gib = 2**30
     rows = ["| phase | loss0 | loss1 | Δloss0 vs single | rel L2 grad A / B / m vs single | "
-            "peak GiB per GPU | static GiB | step s | norm: gathers (full/partial/none/cache hits) | norms computed (repeat eval) | "
+            "peak GiB per GPU | static GiB | step s | norm: gathers (full/partial/none/cache hits) | "
+            "norms computed (repeat eval) | "
             "fused composes | error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ph in report["phases"].items():

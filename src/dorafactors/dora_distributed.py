@@ -48,10 +48,9 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
 
 from .dora_env import get_config
 
