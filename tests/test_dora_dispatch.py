@@ -36,15 +36,24 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def spy(monkeypatch):
-    fused = __import__(ours().__name__.rsplit(".", 1)[0] + ".dora_fused", fromlist=["compose_trusted"])
+    """Records each fused call: "lora_b" (lora_B's GEMM inside the Function, the layer's path for a
+    plain lora_B) or "compose" (the compose alone; True when v is recovered from the output)."""
+    package = ours().__name__.rsplit(".", 1)[0]
+    fused = __import__(package + ".dora_fused", fromlist=["compose_trusted"])
+    fused_linear = __import__(package + ".dora_fused_linear", fromlist=["compose_lora_b"])
     calls = []
-    real = fused.compose_trusted
+    real_compose, real_lora_b = fused.compose_trusted, fused_linear.compose_lora_b
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("save_out_for_mag_grad", False))
-        return real(*args, **kwargs)
+    def counting_compose(*args, **kwargs):
+        calls.append(("compose", kwargs.get("save_out_for_mag_grad", False)))
+        return real_compose(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "compose_trusted", counting)
+    def counting_lora_b(*args, **kwargs):
+        calls.append(("lora_b", False))
+        return real_lora_b(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "compose_trusted", counting_compose)
+    monkeypatch.setattr(fused_linear, "compose_lora_b", counting_lora_b)
     return calls
 
 
@@ -80,7 +89,9 @@ def test_forced_fused_matches_eager_and_runs_kernels(interpreter, spy, bias, dro
         torch.manual_seed(3)
         fused_out, fused_grads = run(model, x)
     assert len(spy) == 2, "both adapted layers must run the fused compose"
-    assert spy == [False, False]  # v is kept (in fp32) rather than recovered from the rounded output
+    # lora_B's GEMM runs inside the Function (∂m from the saved base and P = dyᵀ·ax), never from
+    # v recovered out of the rounded output
+    assert spy == [("lora_b", False), ("lora_b", False)]
     assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-4, name="output")
     for k in eager_grads:
         assert_close(fused_grads[k], eager_grads[k], atol=1e-5, rtol=1e-4, name=k)

@@ -25,6 +25,7 @@ __all__ = [
     "timer_name",
     "rotation_count",
     "synchronize",
+    "measure_graph",
 ]
 
 
@@ -153,4 +154,40 @@ def measure(
                 samples.append((t1 - t0) * 1e3)
     if use_events:
         samples = [s.elapsed_time(e) for s, e in events]
+    return summarize(samples)
+
+
+def measure_graph(launch: Callable[[int], Any], count: int, *, device: torch.device, repeats: int = 5) -> Stats:
+    """Device time (ms) per call of ``launch(i)``, ``i = 0..count-1``, replayed from one CUDA graph.
+
+    What a kernel takes on its own: no host gaps between launches (a graph replays back to
+    back), and with ``count`` distinct input sets no call finds the previous one's data in L2.
+    Call ``launch`` once per ``i`` beforehand so autotuning happens outside the capture.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"measure_graph needs a CUDA device, got {device}")
+    if count < 1 or repeats < 1:
+        raise ValueError(f"measure_graph needs count >= 1 and repeats >= 1, got {count}, {repeats}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
+        for i in range(count):
+            launch(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(count):
+            launch(i)
+    graph.replay()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        synchronize(device)
+        samples.append(start.elapsed_time(end) / count)
+    del graph
     return summarize(samples)

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cprofile", action="store_true", help="also print a cProfile of one window")
+    p.add_argument("--providers", default="lora,ours,ours_eager")
     args = p.parse_args()
     spec = models.MODELS[args.model]
     config, _, reason = models.build_config(spec, layers=args.layers)
@@ -49,7 +53,7 @@ def main() -> int:
     targets = list(spec.targets)
     ids = [torch.randint(0, config.vocab_size, (1, args.seqlen), device="cuda") for _ in range(args.grad_accum)]
     report = {}
-    for name in ("lora", "ours", "ours_eager"):
+    for name in args.providers.split(","):
         with dorafactors.enabled(name != "lora"):
             model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets,
                                                     use_dora=name != "lora"))
@@ -69,19 +73,43 @@ def main() -> int:
         override.__enter__()
         window()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        window()
-        end.record()
-        torch.cuda.synchronize()
+        windows, hosts = [], []
+        for _ in range(args.repeats):  # host time to issue a window vs its device time: host-bound when close
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            window()
+            end.record()
+            hosts.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+            windows.append(start.elapsed_time(end))
+        if args.cprofile:  # Python-level: which of our functions (and Triton's) take the host time
+            import cProfile
+            import io
+            import pstats
+
+            cp = cProfile.Profile()
+            cp.enable()
+            window()
+            torch.cuda.synchronize()
+            cp.disable()
+            sio = io.StringIO()
+            pstats.Stats(cp, stream=sio).sort_stats("tottime").print_stats(40)
+            print(f"== {name}: cProfile by own time ==\n{sio.getvalue()[:9000]}")
+            sio = io.StringIO()
+            pstats.Stats(cp, stream=sio).sort_stats("cumtime").print_stats(45)
+            print(f"== {name}: cProfile by cumulative time ==\n{sio.getvalue()[:9000]}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             window()
             torch.cuda.synchronize()
         override.__exit__(None, None, None)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
         cpu_table = prof.key_averages(group_by_stack_n=0).table(sort_by="self_cpu_time_total", row_limit=25)
-        print(f"== {name}: window {start.elapsed_time(end):.1f} ms ==\n{cpu_table}")
-        report[name] = {"window_ms": start.elapsed_time(end), "cuda_table": table, "cpu_table": cpu_table}
+        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+        print(f"== {name}: windows {[round(w, 1) for w in windows]} ms, host issue {[round(h, 1) for h in hosts]} ms, "
+              f"kernels {busy_us / 1e3:.1f} ms ==\n{cpu_table}")
+        report[name] = {"window_ms": sorted(windows)[len(windows) // 2], "windows_ms": windows, "host_issue_ms": hosts,
+                        "kernel_busy_ms": busy_us / 1e3, "cuda_table": table, "cpu_table": cpu_table}
         model.unload()
         del model
     args.out.mkdir(parents=True, exist_ok=True)

@@ -181,9 +181,9 @@ def factored_row_norm(
             U = torch.empty(d_out, r, dtype=gemm, device=device)
             for start in range(0, d_out, step):
                 torch.matmul(weight[start : start + step].detach(), A_g.T, out=U[start : start + step])
-            from .dora_fused import dora_norm_assembly
+            from .dora_fused import norm_assembly_trusted
 
-            n, _ = dora_norm_assembly(base_sq, U, B, G, float(scaling), base_sq, eps)
+            n, _ = norm_assembly_trusted(base_sq, U, B, G, float(scaling), base_sq, eps)
             return n
         # cross term: Σ_j B_ij U_ij with U = W Aᵀ, one bounded row chunk of W at a time
         cross = torch.empty(d_out, dtype=acc, device=device)
@@ -305,15 +305,24 @@ def _g_terms(magnitude, norm, base, scaling):
     return (m - n) / n, m / n * scaling
 
 
+def _tail_vectors(magnitude, norm, base, scaling):
+    """``(g·s, s/n)``: what the fused linear tail's backward scales ∂B, ∂(A·x) and ∂m by."""
+    from .dora_fused_linear import tail_vectors
+
+    return tail_vectors(magnitude, norm, scaling)
+
+
 class _GTermsCache:
-    """``(g − 1, g·s)`` of one layer, reused while ``m``, ``n`` (the cached norm tensor) and ``s``
-    are unchanged: inference and micro-batches skip four small kernels per forward."""
+    """Per-column vectors of one layer from ``m``, ``n`` (the cached norm tensor) and ``s``
+    (``_g_terms``: ``(g − 1, g·s)``; ``_tail_vectors``), reused while those are unchanged:
+    inference and micro-batches skip their small kernels on every forward."""
 
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "fn")
 
-    def __init__(self) -> None:
+    def __init__(self, fn=None) -> None:
         self.key = None
         self.value = None
+        self.fn = fn or _g_terms
 
     def get(self, magnitude, norm, generation: int, base, scaling):
         # ``generation`` counts the norm cache's recomputes and clears (ids of freed tensors recur)
@@ -322,7 +331,7 @@ class _GTermsCache:
             # no graph: the compose's backward owns ∂m, and recording ops only on a cache miss would
             # make a checkpoint's recompute save a different number of tensors than its forward
             with torch.no_grad():
-                self.value = _g_terms(magnitude, norm, base, scaling)
+                self.value = self.fn(magnitude, norm, base, scaling)
             self.key = key
         return self.value
 
@@ -451,6 +460,21 @@ def use_fused_compose(result: torch.Tensor, needs_grad: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _plain_lora_b_weight(lora_B: Any, ax: torch.Tensor) -> Optional[torch.Tensor]:
+    """``lora_B``'s weight when ``lora_B`` is a plain bias-free ``nn.Linear`` the fused Function
+    can stand in for (it multiplies in ``ax``'s dtype, as autocast's linear would); else None
+    (also under ``torch.compile``, where the compose custom op keeps the graph whole)."""
+    if type(lora_B) is not nn.Linear or lora_B.bias is not None or torch.compiler.is_compiling():
+        return None
+    B = lora_B.weight
+    if B.dtype != ax.dtype:
+        device_type = ax.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if ax.dtype != autocast_dtype or not B.is_floating_point():
+            return None  # lora_B(ax) decides what such a mix means (usually an error)
+    return B
+
+
 def _weight_of(module_or_tensor: Any) -> torch.Tensor:
     return module_or_tensor.weight if isinstance(module_or_tensor, nn.Module) else module_or_tensor
 
@@ -467,7 +491,8 @@ class DoraLinearLayer(nn.Module):
         super().__init__()
         self.fan_in_fan_out = fan_in_fan_out
         self._norm_cache = _NormCache()
-        self._g_cache = _GTermsCache()
+        self._g_cache = _GTermsCache(_g_terms)
+        self._tail_cache = _GTermsCache(_tail_vectors)
 
     # -- norms -------------------------------------------------------------------------------
 
@@ -616,7 +641,25 @@ class DoraLinearLayer(nn.Module):
         from .dora_fused import compose_trusted as dora_compose
 
         weight, norm = self._weight_and_norm(base_layer, lora_A, lora_B, scaling)
-        lora_out = lora_B(lora_A(x))
+        ax = lora_A(x)
+        B = _plain_lora_b_weight(lora_B, ax)
+        if B is not None:
+            # lora_B's GEMM inside the fused Function: ∂m then needs only the saved base (see
+            # dora_fused_linear), not v = base + s·lora in fp32
+            from .dora_fused_linear import compose_lora_b
+
+            if get_config().norm_cache:
+                tail = self._tail_cache.get(self.weight, norm, self._norm_cache.generation, result, scaling)
+            else:
+                with torch.no_grad():
+                    tail = _tail_vectors(self.weight, norm, result, scaling)
+            if dropout_active:
+                base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)
+                return result + (compose_lora_b(base_d, ax, B, self.weight, norm, scaling, None, tail) - base_d)
+            bias = getattr(base_layer, "bias", None)
+            base = result if bias is None else result - bias
+            return compose_lora_b(base, ax, B, self.weight, norm, scaling, bias, tail)
+        lora_out = lora_B(ax)
         if dropout_active:
             # the base term is W·dropout(x): out = result + g ⊙ (base_d + s·lora) − base_d
             base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)

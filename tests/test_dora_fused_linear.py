@@ -1,0 +1,151 @@
+"""The fused linear tail (lora_B's GEMM + compose, ∂m without a saved v) against plain autograd.
+
+Runs the Triton kernels through the interpreter on the CPU (compiled on a GPU machine). The
+autograd twin is the DoRA formula written out with differentiable torch ops in fp64.
+"""
+
+import os
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+
+try:
+    pytest.importorskip("triton")
+finally:
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+import torch  # noqa: E402
+
+from dorafactors.dora_fused_linear import FusedDoraLoraB, compose_lora_b, tail_vectors  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter():
+    mp = pytest.MonkeyPatch()
+    if DEVICE == "cpu":
+        mp.setenv("TRITON_INTERPRET", "1")
+    yield
+    mp.undo()
+
+
+def twin(base, ax, B, m, n, s, bias):
+    """DoRA's tail with autograd: g ⊙ (base + s·ax·Bᵀ) + bias, n constant."""
+    g = m / n.detach()
+    out = g * (base + s * (ax @ B.t()))
+    return out + bias if bias is not None else out
+
+
+def make(shape_t, d_out, r, dtype, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(DEVICE)
+
+    n = rnd(d_out).abs() + 1.0
+    return dict(
+        base=rnd(*shape_t, d_out).to(dtype),
+        ax=rnd(*shape_t, r).to(dtype),
+        B=rnd(d_out, r, scale=0.3).to(dtype),
+        m=(n * (1 + 0.05 * rnd(d_out))).float(),  # PEFT keeps m in fp32 beside bf16 compute
+        n=n.float(),
+        bias=rnd(d_out).to(dtype) if bias else None,
+    )
+
+
+def grads_of(fn, inputs, dy, s):
+    leaves = {k: (v.detach().clone().requires_grad_(k != "n") if v is not None else None) for k, v in inputs.items()}
+    out = fn(leaves["base"], leaves["ax"], leaves["B"], leaves["m"], leaves["n"], s, leaves["bias"])
+    out.backward(dy)
+    return out.detach(), {k: v.grad for k, v in leaves.items() if v is not None and k != "n"}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape_t,d_out,r", [((7,), 33, 5), ((2, 3), 64, 16), ((1,), 1, 1)])
+def test_matches_fp64_autograd(shape_t, d_out, r, dtype, rtol, bias):
+    inputs = make(shape_t, d_out, r, dtype, bias, seed=d_out + r)
+    dy = torch.randn(*shape_t, d_out, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    s = 0.75
+    out, grads = grads_of(compose_lora_b, inputs, dy.to(dtype), s)
+    wide = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    ref_out, ref_grads = grads_of(twin, wide, dy, s)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+
+    def check(a, e, what):
+        a, e = a.double(), e.double()
+        err = (a - e).abs().max().item()
+        scale = e.abs().max().item() + 1e-12
+        assert err <= rtol * scale, f"{what}: max err {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+    check(out, ref_out, "out")
+    for k, g in ref_grads.items():
+        assert grads[k] is not None, f"no gradient for {k}"
+        assert grads[k].dtype == inputs[k].dtype, f"{k}: gradient dtype {grads[k].dtype} != {inputs[k].dtype}"
+        check(grads[k], g, f"d_{k}")
+
+
+def test_gradcheck_fp64():
+    inputs = make((3,), 9, 4, torch.float64, True, seed=1)
+    leaves = [inputs[k].detach().clone().requires_grad_(True) for k in ("base", "ax", "B", "m")]
+    n, bias = inputs["n"].double(), inputs["bias"].detach().clone().requires_grad_(True)
+    leaves[3] = leaves[3].detach().double().requires_grad_(True)
+    def fn(b, a, B, m, bi):
+        return FusedDoraLoraB.apply(b, a, B, m, n, 0.5, bi, *tail_vectors(m, n, 0.5))
+
+    assert torch.autograd.gradcheck(fn, (*leaves, bias), eps=1e-6, atol=1e-6)
+
+
+def test_frozen_magnitude_saves_no_base_and_gives_no_dm():
+    inputs = make((5,), 16, 4, torch.float32, False, seed=3)
+    base = inputs["base"].clone().requires_grad_(True)
+    ax = inputs["ax"].clone().requires_grad_(True)
+    out = compose_lora_b(base, ax, inputs["B"], inputs["m"], inputs["n"], 0.5)
+    saved = out.grad_fn.saved_tensors
+    assert not any(t is not None and t.shape == base.shape for t in saved), "base kept although m is frozen"
+    out.sum().backward()
+    assert base.grad is not None and ax.grad is not None
+
+
+def test_magnitude_gradient_keeps_base_not_v():
+    """With m trainable the Function keeps base in its own dtype (bf16), nothing fp32 of [T, d_out]."""
+    inputs = make((6,), 16, 4, torch.bfloat16, False, seed=4)
+    m = inputs["m"].clone().requires_grad_(True)
+    out = compose_lora_b(inputs["base"], inputs["ax"], inputs["B"], m, inputs["n"], 0.5)
+    big = [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == inputs["base"].shape]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16
+
+
+def test_no_grad_forward_matches_twin():
+    inputs = make((4,), 12, 3, torch.float32, True, seed=5)
+    with torch.no_grad():
+        out = compose_lora_b(**{k: v for k, v in inputs.items()}, s=0.25)
+        ref = twin(inputs["base"], inputs["ax"], inputs["B"], inputs["m"], inputs["n"], 0.25, inputs["bias"])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_weight_with_bf16_activations_as_under_autocast():
+    """PEFT keeps B in fp32 and autocast runs the GEMM in bf16: B's gradient comes back in fp32,
+    and the parameter itself is never written by the backward."""
+    inputs = make((8,), 24, 6, torch.bfloat16, False, seed=6)
+    B32 = inputs["B"].float().clone().requires_grad_(True)
+    before = B32.detach().clone()
+    m = inputs["m"].clone().requires_grad_(True)
+    ax = inputs["ax"].clone().requires_grad_(True)
+    out = compose_lora_b(inputs["base"], ax, B32, m, inputs["n"], 0.5)
+    assert out.dtype == torch.bfloat16
+    dy = torch.randn(8, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out.backward(dy.to(torch.bfloat16))
+    assert B32.grad.dtype == torch.float32 and ax.grad.dtype == torch.bfloat16
+    assert torch.equal(B32.detach(), before), "backward wrote into the weight"
+    _, ref = grads_of(twin, {k: (v.double() if v is not None else None) for k, v in inputs.items()}, dy, 0.5)
+    for name, got in (("B", B32.grad), ("m", m.grad), ("ax", ax.grad)):
+        err = (got.double() - ref[name]).abs().max().item()
+        assert err <= 2e-2 * ref[name].abs().max().item(), f"d_{name}: max err {err:.3g}"
