@@ -8,16 +8,21 @@ compares. Scenarios: ours and upstream's DoRA with one FSDP unit per decoder lay
 ours with every ``nn.Linear`` its own unit (the norm then meets sharded ``DTensor`` parameters)
 under each ``PEFT_FORCE_GATHER`` / ``PEFT_DORA_ALLOW_PARTIAL_GATHER`` setting; and, when DeepSpeed
 is installed, ZeRO-3 on the CPU. A worker that hangs is killed: the test fails within its deadline.
+With 2 GPUs, a GPU test runs code/scripts/multigpu_check.py on a small model in bf16.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,3 +365,36 @@ def test_partial_row_terms_match_dense():
                                                      torch.float64)
             assert_close(total[0], W.square().sum(1), atol=1e-12, rtol=1e-10, name=f"base {transposed} {parts}")
             assert_close(total[1], (W * (B @ A)).sum(1), atol=1e-12, rtol=1e-10, name=f"cross {transposed} {parts}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the 2-GPU check on a small model (the full-size run is code/scripts/run_multigpu_check.sh)
+# ---------------------------------------------------------------------------------------------
+
+_CHECK = Path(__file__).resolve().parents[1] / "code" / "scripts" / "multigpu_check.py"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.skipif(not _CHECK.is_file(), reason="code/scripts/multigpu_check.py is not in this tree")
+def test_two_gpus_bf16_agree_with_one(tmp_path):
+    phases = ["single-ours", "single-upstream", "fsdp2-layer-ours", "fsdp2-layer-upstream", "fsdp2-linear-ours-partial"]
+    if _deepspeed_available():
+        phases += ["zero3-ours", "zero3-upstream"]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(_CHECK),
+           "--model", "tiny", "--seq", "256", "--rank", "8", "--phases", ",".join(phases), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S * 2)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "multigpu_check.json").read_text())["phases"]
+    for name in phases:
+        assert "error" not in report[name], f"{name}: {report[name].get('traceback')}"
+    for name in phases:
+        if name.startswith("single"):
+            continue
+        ph = report[name]
+        assert abs(ph["loss0_minus_single"]) < 2e-2, (name, ph["loss0_minus_single"])
+        for kind, agree in ph["vs_single"].items():
+            assert agree["cosine"] > 0.99, (name, kind, agree)
+    assert report["fsdp2-layer-ours"]["fused_compose_calls"] > 0  # plain tensors inside a unit: fused path
+    assert report["fsdp2-linear-ours-partial"]["norm_stats"].get("gather_partial", 0) > 0
