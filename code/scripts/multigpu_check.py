@@ -365,6 +365,37 @@ def summary_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def memory_table(report: dict) -> str:
+    """Per engine and wrapping: our peak memory per GPU against upstream's under the same settings."""
+    gib = 2**30
+    rows = ["| engine | ours peak GiB per GPU | upstream peak GiB per GPU | ours / upstream (max over GPUs) |",
+            "|---|---|---|---|"]
+    for ours_name, ph in report["phases"].items():
+        if ph.get("impl") != "ours" or ph.get("env") or "error" in ph:
+            continue
+        up = report["phases"].get(ours_name.replace("-ours", "-upstream"), {})
+        if "peak_bytes" not in up:
+            continue
+        ratio = f"{max(ph['peak_bytes']) / max(up['peak_bytes']):.3f}" if max(up["peak_bytes"]) else "n/a"
+        label = ours_name.replace("-ours", "")
+        rows.append(f"| {label} | {' / '.join(f'{m / gib:.2f}' for m in ph['peak_bytes'])} | "
+                    f"{' / '.join(f'{m / gib:.2f}' for m in up['peak_bytes'])} | {ratio} |")
+    return "\n".join(rows)
+
+
+def markdown(report: dict, world: int) -> str:
+    try:
+        return _markdown(report, world)
+    except Exception as exc:  # noqa: BLE001 - the JSON is the record; the table must not end the run
+        return f"(table failed: {type(exc).__name__}: {exc}; see multigpu_check.json)\n"
+
+
+def _markdown(report: dict, world: int) -> str:
+    return (f"# DoRA under FSDP2 and ZeRO-3 ({report['versions']['gpu']} x{world})\n\n"
+            f"versions: {json.dumps(report['versions'])}\n\nmodel: {json.dumps(report['model'])}\n\n"
+            f"{summary_table(report)}\n\n## Peak memory, ours vs upstream\n\n{memory_table(report)}\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
@@ -430,17 +461,14 @@ def main(argv=None) -> int:
         entry["wall_s"] = time.perf_counter() - t0
         report["phases"][name] = entry
         _reset_memory()
-        if rank == 0:
+        if rank == 0:  # rewritten after every phase: a run cut short keeps what it measured
             json_path.write_text(json.dumps(report, indent=1, default=str))
+            (out_dir / "multigpu_check.md").write_text(markdown(report, world))
             print(f"[{name}] {'ERROR ' + entry['error'][:300] if 'error' in entry else 'ok'} "
                   f"({entry['wall_s']:.1f} s)", flush=True)
         dist.barrier()
     if rank == 0:
-        table = summary_table(report)
-        (out_dir / "multigpu_check.md").write_text(
-            f"# DoRA under FSDP2 and ZeRO-3 ({report['versions']['gpu']} x{world})\n\n"
-            f"versions: {json.dumps(report['versions'])}\n\nmodel: {json.dumps(report['model'])}\n\n{table}\n")
-        print(table)
+        print(markdown(report, world))
     dist.destroy_process_group()
     return 0
 
