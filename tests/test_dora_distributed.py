@@ -37,6 +37,9 @@ FSDP_SCENARIOS = {
     "ours-linear-force0": ("ours", "linear", {"PEFT_FORCE_GATHER": "0"}),
     "ours-layer-force0": ("ours", "layer", {"PEFT_FORCE_GATHER": "0"}),
 }
+# inside an FSDP2 unit the inputs are plain tensors, so the fused kernels run (=1 raises where they cannot);
+# on the CPU only under Triton's interpreter (conftest sets it without CUDA)
+FUSED_SCENARIO = {"ours-layer-fused": ("ours", "layer", {"PEFT_DORA_FUSED": "1"})}
 ZERO3_SCENARIOS = {
     "ours-zero3": ("ours", "zero3", {}),
     "ours-zero3-partial": ("ours", "zero3", {"PEFT_FORCE_GATHER": "1", "PEFT_DORA_ALLOW_PARTIAL_GATHER": "1"}),
@@ -63,6 +66,8 @@ def _deepspeed_available() -> bool:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     scenarios = dict(FSDP_SCENARIOS)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        scenarios.update(FUSED_SCENARIO)
     if _deepspeed_available():
         scenarios.update(ZERO3_SCENARIOS)
     env = {k: os.environ.pop(k) for k in ENV_NAMES if k in os.environ}
@@ -101,6 +106,12 @@ def test_fsdp2_matches_single_process(results, single, name):
         # re-gather of the same values (new storage address, same storage object) hits the norm cache
         assert not results[name]["stats"].get("gather_full") and not results[name]["stats"].get("gather_partial")
         assert results[name]["norms_recomputed_again"] == 0
+
+
+def test_fsdp2_fused_path_on_plain_tensors(results, single):
+    if "ours-layer-fused" not in results:
+        pytest.skip("the fused kernels run on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
+    _check(results["ours-layer-fused"], single["ours"], "ours-layer-fused")
 
 
 @pytest.mark.parametrize("name,gathers", [("ours-linear-detect", "gather_full"), ("ours-linear-force1", "gather_full"),

@@ -268,22 +268,35 @@ def run_zero3(impl, args, rank, world):
 
 
 class _FusedCounter:
-    """Counts calls of the fused compose (``dora_fused.compose_trusted``, looked up at call time)."""
+    """Counts calls of the fused composes (``dora_fused.compose_trusted`` and, where it exists,
+    ``dora_fused_linear.compose_lora_b``; the layer looks both up at call time)."""
 
     def __init__(self):
-        from dorafactors import dora_fused
+        import importlib
 
-        self.module, self.calls = dora_fused, 0
-        self.original = dora_fused.compose_trusted
+        self.calls, self.saved = 0, []
+        for module_name, attr in (("dorafactors.dora_fused", "compose_trusted"),
+                                  ("dorafactors.dora_fused_linear", "compose_lora_b")):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            original = getattr(module, attr, None)
+            if original is None:
+                continue
+            self.saved.append((module, attr, original))
+            setattr(module, attr, self._counted(original))
 
+    def _counted(self, fn):
         def counted(*a, **k):
             self.calls += 1
-            return self.original(*a, **k)
+            return fn(*a, **k)
 
-        dora_fused.compose_trusted = counted
+        return counted
 
     def close(self):
-        self.module.compose_trusted = self.original
+        for module, attr, original in self.saved:
+            setattr(module, attr, original)
 
 
 def _repeat_eval(model, forward) -> None:
