@@ -89,6 +89,28 @@ def test_suite_all_smoke_on_cpu_writes_valid_json(tmp_path):
     assert "--smoke" in doc["environment"]["command_line"]
 
 
+def test_quantized_model_suite_smoke_on_cpu(tmp_path):
+    """``--quant nf4-dq``: QLoRA, upstream QDoRA and ours on a 4-bit base, recorded in the JSON."""
+    pytest.importorskip("bitsandbytes")
+    ok, why = _reference_ok()
+    if not ok:
+        pytest.skip(f"upstream reference not available:\n{why}")
+    out = tmp_path / "results"
+    proc = _run(["--suite", "model", "--smoke", "--device", "cpu", "--models", "qwen3-vl-8b", "--quant", "nf4-dq",
+                 "--providers", "lora,peft_ref,ours_auto", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    doc = json.loads(next(out.glob("*.json")).read_text())
+    assert validate(doc) == []
+    assert doc["run"]["settings"]["quant"] == "nf4-dq"
+    rows = doc["rows"]
+    assert rows and all(r["shape"].get("quant") == "nf4-dq" for r in rows)
+    assert not [r for r in rows if r["status"] in ("error", "failed")]
+    timed = {(r["case"], r["provider"]) for r in rows if r["metric"] == "time" and r["status"] == "ok"}
+    assert {(c, p) for c in ("inference", "gradient") for p in ("lora", "peft_ref", "ours_auto")} <= timed
+    correct = [r for r in rows if r["metric"] == "correctness"]
+    assert correct and all(r["status"] == "ok" for r in correct)
+
+
 def test_startup_failure_is_non_interactive_exit(tmp_path):
     proc = _run(["--suite", "norm", "--smoke", "--device", "cpu", "--out", str(tmp_path),
                  "--reference", str(tmp_path / "absent_dora.py")], tmp_path, timeout=120)
@@ -250,6 +272,8 @@ def test_resolve_problems_prompts_only_when_interactive():
         (["--seqlen", "64", "--loss-tokens", "65"], "--loss-tokens 65 exceeds --seqlen 64"),
         (["--tag", "a b"], "--tag 'a b'"),
         (["--device", "cuda"], "no CUDA device"),
+        (["--quant", "int4"], "unknown --quant 'int4'"),
+        (["--quant", "nf4", "--suite", "micro"], "--quant nf4 applies to the model suite only"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(v),
 )

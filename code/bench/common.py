@@ -117,6 +117,8 @@ def set_adapters(model: torch.nn.Module, *, seed: int, rho: float, mag_noise: fl
     near-unity regime. Values depend only on ``seed`` and the module name. Returns the number of
     layers set.
     """
+    from peft.utils.integrations import dequantize_module_weight
+
     count = 0
     for name, layer in lora_layers(model):
         if adapter not in layer.lora_A:
@@ -124,7 +126,8 @@ def set_adapters(model: torch.nn.Module, *, seed: int, rho: float, mag_noise: fl
         A = layer.lora_A[adapter].weight
         B = layer.lora_B[adapter].weight
         s = float(layer.scaling[adapter])
-        W = layer.get_base_layer().weight
+        # a quantized base: its dequantized values (outside any timed region)
+        W = dequantize_module_weight(layer.get_base_layer())
         if getattr(layer, "fan_in_fan_out", False):
             W = W.T
         device = A.device

@@ -14,11 +14,14 @@ from typing import Optional
 
 from .startup import CODE_DIR
 
-__all__ = ["SUITES", "GROUPS", "SHAPES", "SMOKE_SHAPES", "PROFILES", "RunConfig", "build_parser", "parse_args"]
+__all__ = ["SUITES", "GROUPS", "QUANT_NAMES", "SHAPES", "SMOKE_SHAPES", "PROFILES", "RunConfig", "build_parser", "parse_args"]
 
 SUITES = ("norm", "compose", "layer", "memory", "stability", "model")
 GROUPS = {"micro": ("norm", "compose", "layer", "memory", "stability"), "model": ("model",), "all": SUITES}
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+# base-weight quantization of the model suite (bitsandbytes): none, 4-bit NF4/FP4 (-dq: double
+# quantization of the block scales, QLoRA's setting), LLM.int8()
+QUANT_NAMES = ("none", "nf4", "nf4-dq", "fp4", "int8")
 MAX_RANK = 4096
 
 # (d_in, d_out) of one adapted linear layer; every list has a ragged row
@@ -73,6 +76,7 @@ class RunConfig:
     reference: Optional[Path]
     fidelity_layers: int
     seed: int
+    quant: str = "none"
 
     @property
     def tokens(self) -> int:
@@ -204,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-layers", type=_int_in(0, what="--fidelity-layers"), default=None,
                    help="decoder layers of the model suite's fidelity model (default 2; 0 skips fidelity)")
     p.add_argument("--seed", type=_int_in(0, what="--seed"), default=0, help="seed of weights and inputs")
+    p.add_argument("--quant", type=_choice(QUANT_NAMES, "--quant"), default="none",
+                   help="model suite: quantize every adapted linear with bitsandbytes (" + ", ".join(QUANT_NAMES)
+                   + "; default none); LoRA is then QLoRA, DoRA QDoRA")
     return p
 
 
@@ -241,6 +248,13 @@ def parse_args(argv: Optional[list[str]], *, cuda_available: bool) -> RunConfig:
     out = a.out if a.out is not None else CODE_DIR / "results"
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out}: exists and is not a directory")
+    if a.quant != "none":
+        if set(expand_suites(a.suite)) != {"model"}:
+            parser.error(f"--quant {a.quant} applies to the model suite only; use --suite model")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            parser.error(f"--quant {a.quant} needs bitsandbytes: pip install bitsandbytes (see requirements.txt)")
     return RunConfig(
         suites=expand_suites(a.suite),
         suite_arg="-".join(a.suite),
@@ -269,4 +283,5 @@ def parse_args(argv: Optional[list[str]], *, cuda_available: bool) -> RunConfig:
         reference=a.reference.resolve() if a.reference else None,
         fidelity_layers=a.fidelity_layers if a.fidelity_layers is not None else prof["fidelity_layers"],
         seed=a.seed,
+        quant=a.quant,
     )

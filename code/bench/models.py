@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MODELS", "MODEL_NAMES", "ModelSpec", "analytic_counts", "build_config", "build_model", "dora_counts",
-           "meta_counts"]
+__all__ = ["MODELS", "MODEL_NAMES", "ModelSpec", "analytic_counts", "build_config", "build_model", "dense_twin",
+           "dora_counts", "meta_counts", "quantize_targets"]
 
 STANDARD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -154,3 +154,65 @@ def meta_counts(spec: ModelSpec, r: int = 384) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return analytic_counts(model, spec.targets, r)
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def quantize_targets(model: torch.nn.Module, targets: tuple[str, ...], quant: str, device: torch.device) -> int:
+    """Replace every target linear by its bitsandbytes twin (``quant``: nf4, nf4-dq, fp4, int8), as
+    ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` would: 4-bit layers
+    compute in the model dtype, 8-bit ones are LLM.int8() without outlier threshold. Sets the flag
+    PEFT reads to pick its quantized LoRA layers. Returns the number of layers quantized."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not (type(module) is torch.nn.Linear and _is_target(name, targets)):
+            continue
+        bias = module.bias is not None
+        if quant == "int8":
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias, has_fp16_weights=False,
+                                      threshold=0.0, device="cpu")
+        else:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias,
+                                    compute_dtype=module.weight.dtype, compress_statistics=quant.endswith("-dq"),
+                                    quant_type=quant[:3], device="cpu")
+            # quantized from weights in the model dtype (quant_state.dtype), as transformers loads them
+            new = new.to(module.weight.dtype)
+        # bitsandbytes quantizes when the layer moves to its device; the dense weight goes with the old layer
+        new.load_state_dict({k: v.to("cpu") for k, v in module.state_dict().items()})
+        _replace(model, name, new.to(device))
+        del module
+        count += 1
+    setattr(model, "is_loaded_in_8bit" if quant == "int8" else "is_loaded_in_4bit", True)
+    return count
+
+
+@torch.no_grad()
+def dense_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype`` whose quantized linears are plain ``nn.Linear`` holding the
+    dequantized values (the fidelity truth of a quantized model)."""
+    import copy
+
+    from peft.utils.integrations import dequantize_module_weight
+
+    twin = copy.deepcopy(model)
+    # dequantize from the original: a deep copy of bitsandbytes' Int8Params loses its row scales
+    for name, module in list(model.named_modules()):
+        if type(getattr(module, "weight", None)).__name__ not in ("Params4bit", "Int8Params"):
+            continue
+        weight = dequantize_module_weight(module)
+        new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=dtype)
+        new.weight.copy_(weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+        _replace(twin, name, new)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(twin, flag):
+            delattr(twin, flag)
+    return twin.to(dtype)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .common import DTYPES, TOLERANCE, Case, autocast, compare, perturb_, set_adapters, trainable, zero_grads
 from .memory import CPU_REASON, PeakMemory, allocated, release
-from .models import MODELS, analytic_counts, build_config, build_model, dora_counts
+from .models import MODELS, analytic_counts, build_config, build_model, dense_twin, dora_counts, quantize_targets
 from .providers import Provider, wrap_model
 from .timing import measure
 
@@ -53,11 +53,14 @@ def plan_model(cfg) -> list[Case]:
             _config, depth, _reason = build_config(spec, layers=cfg.layers, smoke=cfg.profile == "smoke")
             full = int((spec.smoke_dims if cfg.profile == "smoke" else spec.dims)["num_hidden_layers"])
             for r in cfg.ranks_for("model"):
-                cases.append(Case("model", name, {
+                params = {
                     "model": name, "layers": depth or (cfg.layers or full), "full_layers": full, "r": r,
                     "batch": cfg.batch, "seqlen": cfg.seqlen, "grad_accum": cfg.grad_accum,
                     "loss_tokens": cfg.loss_tokens, "gradient_checkpointing": cfg.gradient_checkpointing,
-                }, dtype))
+                }
+                if cfg.quant != "none":
+                    params["quant"] = cfg.quant  # bitsandbytes base weights: QLoRA vs QDoRA
+                cases.append(Case("model", name, params, dtype))
     return cases
 
 
@@ -111,12 +114,15 @@ def run_fidelity(case: Case, ctx, spec) -> dict[str, str]:
         return {}
     r = case.params["r"]
     base = build_model(config, device=device, dtype=DTYPES[case.dtype], seed=cfg.seed)
+    if cfg.quant != "none":
+        quantize_targets(base, spec.targets, cfg.quant, device)
     for prm in base.parameters():
         prm.requires_grad_(False)
     ids = _batches(config, cfg, device, 1)[0][0]
     by_name = {p.name: p for p in (ctx.every or ctx.providers)}  # the truth need not be a selected provider
     truth_provider = next((p for p in (by_name.get("peft_ref"), by_name.get("ours_eager")) if p and p.available), None)
-    base32 = copy.deepcopy(base).float()
+    # a quantized model's truth: the same dequantized values in dense fp32 layers
+    base32 = dense_twin(base, torch.float32) if cfg.quant != "none" else copy.deepcopy(base).float()
     truths: dict[str, torch.Tensor] = {}
     if truth_provider is not None:
         truths["dora"] = _logits(truth_provider, base32, r, spec.targets, ids, cfg, device, "fp32", amp=False)
@@ -204,6 +210,9 @@ def run_model(case: Case, ctx) -> None:
     dtype = DTYPES[case.dtype]
     r, ga = case.params["r"], cfg.grad_accum
     base = build_model(config, device=device, dtype=dtype, seed=cfg.seed)
+    if cfg.quant != "none":
+        quantize_targets(base, spec.targets, cfg.quant, device)
+        release(device)
     for prm in base.parameters():
         prm.requires_grad_(False)
     if cfg.gradient_checkpointing:

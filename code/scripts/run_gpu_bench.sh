@@ -17,6 +17,10 @@
 #                      without flash-linear-attention, as on our H100: slow, so fewer layers; about
 #                      4 s per window of LoRA at 4 layers). If it runs over, add `--layers 4`.
 #   models-other       the five above one after another (too long for one call; for a shell)
+#   qdora              QDoRA: the GPU tests of tests/test_dora_quant.py (report qdora-gpu-tests.txt/.xml in
+#                      $OUT), then Qwen3-VL-8B LM, full depth, r=384, on an NF4 base with double
+#                      quantization (bitsandbytes, QLoRA's setting): QLoRA, upstream PEFT 0.18.0 QDoRA,
+#                      ours. Needs bitsandbytes (requirements.txt). If it runs over, add `--layers 18`.
 #
 # Extra arguments after PART go to the benchmark (e.g. `--providers lora,peft_ref,ours_auto`,
 # `--repeats 5`). The repo's src/ is put on PYTHONPATH, so dorafactors need not be installed.
@@ -80,6 +84,16 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'); print
             model_part "$m" 16 "$m-L16-r384" "$@"
         done
         model_part qwen3.5-27b 8 "qwen3.5-27b-L8-r384" --repeats 2 "$@"
+        ;;
+    qdora)
+        set +e
+        (cd "$ROOT" && "$PY" -m pytest -q -m gpu tests/test_dora_quant.py -p no:cacheprovider \
+            --junitxml="$OUT_DIR/qdora-gpu-tests.xml") 2>&1 | tee "$OUT_DIR/qdora-gpu-tests.txt"
+        tests_rc=${PIPESTATUS[0]}
+        set -e
+        "${BENCH[@]}" --suite model --dtype bf16 --models qwen3-vl-8b --ranks 384 --quant nf4-dq \
+            --providers base,lora,peft_ref,ours_auto --tag qwen3-vl-8b-r384-nf4-dq "$@"
+        exit "$tests_rc"
         ;;
     *)
         echo "unknown part '$PART'; run '$0 list'" >&2

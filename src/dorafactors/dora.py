@@ -25,7 +25,6 @@ between our modules, absolute ``peft.`` imports for PEFT utilities.
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 from typing import Any, Optional
 
 import torch
@@ -38,6 +37,7 @@ from peft.utils.other import transpose
 from .dora_distributed import is_managed as _is_managed
 from .dora_distributed import sharded_row_norm as _sharded_row_norm
 from .dora_env import get_config
+from .dora_quant import QuantRows, quant_rows
 
 __all__ = [
     "DORA_NORM_EPS",
@@ -522,16 +522,24 @@ class DoraLinearLayer(nn.Module):
         W = self._weight_rows(weight)
         cfg = get_config()
         cache = self._norm_cache
+        quantized = isinstance(W, QuantRows)
         if not cfg.norm_cache:
             cache.clear()
-            return self._compute_norm(W, lora_A, lora_B, scaling, None, cfg.norm_chunk_bytes)
-        base_key = (_tensor_key(weight), self.fan_in_fan_out)
+            # a quantized W fills ‖W_i‖² during the norm's own pass over its rows: one dequantization
+            base_sq = W.row_sq if quantized else None
+            return self._compute_norm(W, lora_A, lora_B, scaling, base_sq, cfg.norm_chunk_bytes)
+        base_key = (W.cache_key() if quantized else _tensor_key(weight), self.fan_in_fan_out)
         if cache.base_key != base_key:
-            cache.base_sq = base_row_sq(W.detach(), cfg.norm_chunk_bytes)
+            # quantized: filled by the norm computed just below (a new base key always misses the norm key)
+            cache.base_sq = W.row_sq if quantized else base_row_sq(W.detach(), cfg.norm_chunk_bytes)
             cache.base_key = base_key
         norm_key = (base_key, _tensor_key(lora_A), _tensor_key(lora_B), float(scaling), _global_epoch)
         if cache.norm_key != norm_key:
-            cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
+            try:
+                cache.norm = self._compute_norm(W, lora_A, lora_B, scaling, cache.base_sq, cfg.norm_chunk_bytes)
+            except BaseException:
+                cache.clear()  # a quantized W's ‖W_i‖² is filled by this pass: never keep part of it
+                raise
             cache.norm_key = norm_key
             cache.generation += 1
         return cache.norm
@@ -542,30 +550,34 @@ class DoraLinearLayer(nn.Module):
     def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False) -> None:
         """Initialise ``m`` to the row norm of ``W + s·B·A`` (``A``, ``B`` given as weight tensors)."""
         with gather_params_ctx(base_layer.parameters()):
-            if base_layer.__class__.__name__ == "Linear4bit":
-                # bnb's 4-bit weights must be dequantized from a copy under FSDP
-                base_layer = deepcopy(base_layer)
-            weight = dequantize_module_weight(base_layer)
+            weight = quant_rows(base_layer)  # quantized: dequantized one row chunk at a time
+            if weight is None:
+                weight = dequantize_module_weight(base_layer).to(lora_A.device)
             mag_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
             # the true norm (no eps clamp): m starts exactly where upstream's does
-            norm = self._init_norm(weight.to(lora_A.device), lora_A, lora_B, scaling)
-        norm = norm.to(mag_dtype)
+            norm = self._init_norm(weight, lora_A, lora_B, scaling)
+        norm = norm.to(device=lora_A.device, dtype=mag_dtype)
         if place_on_cpu:
             norm = norm.to("cpu")
         self.weight = nn.Parameter(norm, requires_grad=True)
         self._norm_cache.clear()
 
     def _init_norm(self, weight, lora_A, lora_B, scaling) -> torch.Tensor:
-        # update_layer receives A [r, d_in] and B [d_out, r] as tensors already
+        # update_layer receives A [r, d_in] and B [d_out, r] as tensors already; a quantized W fills
+        # ‖W_i‖² during the norm's pass over its rows
+        base_sq = weight.row_sq if isinstance(weight, QuantRows) else None
         return self._compute_norm(
-            self._weight_rows(weight), lora_A, lora_B, scaling, None, get_config().norm_chunk_bytes, 0.0
+            self._weight_rows(weight), lora_A, lora_B, scaling, base_sq, get_config().norm_chunk_bytes, 0.0
         )
 
     # -- forward -----------------------------------------------------------------------------
 
     def _weight_and_norm(self, base_layer, lora_A, lora_B, scaling) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (dequantized) base weight and the row norm ``n`` of this forward."""
-        weight = dequantize_module_weight(base_layer)
+        """The base weight (a quantized one as a :class:`QuantRows` row source, never dequantized
+        whole) and the row norm ``n`` of this forward."""
+        weight = quant_rows(base_layer)
+        if weight is None:
+            weight = dequantize_module_weight(base_layer)
         return weight, self.row_norm(weight, *self._factors(lora_A, lora_B), scaling)
 
     def _base_without_bias(self, x, base_layer, weight, base_result) -> torch.Tensor:
@@ -573,7 +585,9 @@ class DoraLinearLayer(nn.Module):
             bias = getattr(base_layer, "bias", None)
             return base_result - bias if bias is not None else base_result
         # dropout active: PEFT defines the base term on the dropped-out input; run it in W's dtype so
-        # no fp32 copy of W is made
+        # no fp32 copy of W is made (a quantized W through the base layer's own quantized matmul)
+        if isinstance(weight, QuantRows):
+            return weight.base_output(x)
         W = self._weight_rows(weight)
         return F.linear(x.to(W.dtype), W)
 
