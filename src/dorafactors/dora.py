@@ -34,6 +34,8 @@ from torch import nn
 from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from peft.utils.other import transpose
 
+from .dora_distributed import is_managed as _is_managed
+from .dora_distributed import sharded_row_norm as _sharded_row_norm
 from .dora_env import get_config
 from .dora_quant import QuantRows, quant_rows
 
@@ -257,7 +259,10 @@ def invalidate_norm_cache(module: Optional[nn.Module] = None) -> None:
 def _tensor_key(t: torch.Tensor) -> tuple:
     # views (A.T, reshapes) are new objects every call: key on the tensor that owns the storage
     owner = t._base if t._base is not None else t
-    return (id(owner), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+    # the storage object, not its address: FSDP2 re-allocates an unsharded parameter's storage in place
+    # on every all-gather (same object, new address, same values for a frozen W)
+    storage = (t.untyped_storage()._cdata, t.storage_offset())
+    return (id(owner), storage, t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
 
 
 class _NormCache:
@@ -512,6 +517,8 @@ class DoraLinearLayer(nn.Module):
 
     def row_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         """Factored ``n`` [d_out] (fp32, detached), reused while ``W, A, B, s`` are unchanged."""
+        if _is_managed(weight, lora_A, lora_B):  # FSDP2 / ZeRO-3: see dora_distributed.py
+            return _sharded_row_norm(self, weight, lora_A, lora_B, scaling, _global_epoch)
         W = self._weight_rows(weight)
         cfg = get_config()
         cache = self._norm_cache

@@ -63,12 +63,16 @@ ENV_VARS: dict[str, tuple[str, str, str]] = {
     "PEFT_DORA_ALLOW_PARTIAL_GATHER": (
         "0",
         "0, 1",
-        "1: under sharding engines gather only the row shard a rank needs where the engine allows it",
+        "1: under FSDP2 / ZeRO-3, never gather the base weight for the norm: each rank reduces its own shard "
+        "(all-reduce of a [2, d_out] vector), A and B gathered whole; where the layout does not allow it, a "
+        "warning and a whole gather",
     ),
     "PEFT_FORCE_GATHER": (
         "unset (detect)",
         "unset, 0, 1",
-        "unset: detect sharded parameters; 1: always gather the layer's parameters for the norm; 0: never",
+        "unset: gather a parameter the norm needs only when FSDP2 / ZeRO-3 has not materialized it; 1: gather "
+        "every sharded parameter for each norm computation; 0: never gather (error naming this variable if "
+        "one is not materialized)",
     ),
 }
 

@@ -24,6 +24,7 @@ from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 
 from .dora import DoraConv1dLayer, DoraConv2dLayer, DoraConv3dLayer, DoraEmbeddingLayer, DoraLinearLayer
+from .dora_distributed import is_managed
 
 __all__ = [
     "DoraConv1dVariant",
@@ -157,8 +158,9 @@ class DoraLinearVariant:
         layer = module.lora_magnitude_vector[active_adapter]
         kwargs = dict(lora_A=lora_A, lora_B=lora_B, scaling=module.scaling[active_adapter],
                       base_layer=module.get_base_layer(), **_adapter_kwarg(layer, active_adapter))
-        if hasattr(layer, "forward_output"):  # ours: may take the fused path
+        if hasattr(layer, "forward_output") and not is_managed(layer.weight):  # ours: may take the fused path
             return layer.forward_output(x, result, dropout_active=dropout_active, **kwargs)
+        # a ZeRO-3 magnitude is fetched only around its module's own forward: call it through __call__
         delta = layer(x, base_result=None if dropout_active else result, **kwargs)
         return result + delta.to(result.dtype)
 
