@@ -183,17 +183,11 @@ def test_stats_and_schedule():
     assert all(tc.lr_at(s + 1, 100, 1.0, 10) <= tc.lr_at(s, 100, 1.0, 10) for s in range(9, 99))
 
 
-def test_exact_magnitude_init_makes_eager_and_fused_agree_at_init(request):
+def test_exact_magnitude_init_makes_eager_and_fused_agree_at_init():
     """PEFT on a bf16 model starts m at the bf16-rounded norm (g != 1), so eager and fused round
     differently from the first forward; --magnitude-init exact starts m at the fp32 norm of the
     bf16 weights (g = 1) and both paths return the base output exactly."""
     import torch
-
-    import dorafactors
-
-    # the script's dora_model() calls dorafactors.enable(): leave the plugin as later tests expect it
-    was_enabled = dorafactors.is_enabled()
-    request.addfinalizer(dorafactors.enable if was_enabled else dorafactors.disable)
 
     tc = _load_script()
     _, cfg = tc.parse_args(["--smoke"])
