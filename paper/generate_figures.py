@@ -70,15 +70,17 @@ LABELS = {
     "ours_fused": "ours fused",
     "ours_auto": "ours auto",
     "torch_copy": "torch copy",
+    "fused_kernel_layer": "fused kernel alone, layer path (base kept for ∂m)",
+    "fused_kernel_v32": "fused kernel alone, v kept in fp32",
 }
 COLORS = {
     "base": "#7f7f7f", "lora": "#bcbd22", "peft_ref": "#1f77b4", "peft_installed": "#17becf",
     "peft_cache": "#9467bd", "ours_eager": "#ff7f0e", "ours_fused": "#d62728",
-    "ours_auto": "#2ca02c",
+    "ours_auto": "#2ca02c", "fused_kernel_layer": "#8c564b", "fused_kernel_v32": "#e377c2",
 }
 MARKERS = {
     "base": "x", "lora": "v", "peft_ref": "o", "peft_installed": "s", "peft_cache": "D",
-    "ours_eager": "^", "ours_fused": "P", "ours_auto": "*",
+    "ours_eager": "^", "ours_fused": "P", "ours_auto": "*", "fused_kernel_layer": "<", "fused_kernel_v32": ">",
 }
 GB = 1e9
 
@@ -283,6 +285,8 @@ def fig_compose(res, out, png):
     rows = [r for r in rows if r["case"] in ("fwd", "bwd")]
     if not rows:
         raise Missing("no 'compose' suite bandwidth rows")
+    # kernel-only rows (CUDA-graph replay, bytes actually moved), where the run recorded them
+    kernel_rows = [r for r in res.select(suite="compose", metric="kernel_bandwidth") if r["case"] in ("fwd", "bwd")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, case, passes in zip(axes, ("fwd", "bwd"), (3, 5)):
         sub = [r for r in rows if r["case"] == case]
@@ -295,6 +299,14 @@ def fig_compose(res, out, png):
                 ys.append(v[0]["value"] if v else math.nan)
             ax.plot(xs, ys, marker=MARKERS.get(prov, "o"), color=COLORS.get(prov),
                     label=LABELS.get(prov, prov))
+        ksub = [r for r in kernel_rows if r["case"] == case]
+        for prov in _providers_in(ksub):
+            ys = []
+            for d in douts:
+                v = [r for r in ksub if r["provider"] == prov and r["shape"]["d_out"] == d]
+                ys.append(v[0]["value"] if v else math.nan)
+            ax.plot(xs, ys, marker=MARKERS.get(prov, "o"), color=COLORS.get(prov), ls="--",
+                    label=LABELS.get(prov, prov))
         if copy:
             ax.axhline(copy[0]["value"], color="k", ls="--", lw=1,
                        label=f"copy bandwidth (roofline), {copy[0]['value']:.0f} GB/s")
@@ -303,10 +315,14 @@ def fig_compose(res, out, png):
         ax.set_xlabel(f"d_out (T = {T} tokens)")
         ax.set_title(f"compose {'forward' if case == 'fwd' else 'backward'} "
                      f"({passes} passes of T·d_out)")
-        ax.set_ylim(0, None)
-    axes[0].set_ylabel("achieved bandwidth (GB/s, nominal traffic)")
-    fig.suptitle(f"DoRA compose kernel bandwidth against the copy roofline — {_source(rows)}")
-    _legend_below(fig, axes, ncol=5)
+    top = max((y for ax in axes for line in ax.get_lines() for y in line.get_ydata()
+               if isinstance(y, (int, float)) and math.isfinite(y)), default=1.0)
+    axes[0].set_ylim(0, 1.08 * top)  # shared y: one limit that shows every series
+    axes[0].set_ylabel("achieved bandwidth (GB/s)")
+    note = ("\nsolid: whole call incl. host overhead, nominal traffic; dashed: kernel alone "
+            "(CUDA-graph replay), bytes it moves") if kernel_rows else ""
+    fig.suptitle(f"DoRA compose kernel bandwidth against the copy roofline — {_source(rows)}{note}")
+    _legend_below(fig, axes, ncol=4 if kernel_rows else 5)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return _save(fig, out, "compose_bandwidth", png)
 
