@@ -338,7 +338,7 @@ def _tuned(name: str):
 
 # Config chosen per (kernel, mode, search space, tuning key, dtypes): after the first launch of a
 # key, later launches call the raw kernel with it and skip the autotuner's per-call Python
-# (measured on the H100, Triton 3.6: 95 µs -> see code/results/launch_probe_h100.json).
+# (H100, Triton 3.6: a compose launch's host cost 95 -> 57 µs; code/results/diagnostics/launch_probe_*).
 _chosen: Dict[tuple, Dict[str, object]] = {}
 
 
