@@ -4,20 +4,9 @@ Runs the Triton kernels through the interpreter on the CPU (compiled on a GPU ma
 autograd twin is the DoRA formula written out with differentiable torch ops in fp64.
 """
 
-import os
+import pytest
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import pytest  # noqa: E402
-
-try:
-    pytest.importorskip("triton")
-finally:
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+pytest.importorskip("triton")  # conftest.py has set TRITON_INTERPRET=1 where there is no CUDA
 
 import torch  # noqa: E402
 
