@@ -292,21 +292,15 @@ def fig_compose(res, out, png):
         sub = [r for r in rows if r["case"] == case]
         douts = sorted({r["shape"]["d_out"] for r in sub})
         xs = list(range(len(douts)))
-        for prov in _providers_in(sub):
-            ys = []
-            for d in douts:
-                v = [r for r in sub if r["provider"] == prov and r["shape"]["d_out"] == d]
-                ys.append(v[0]["value"] if v else math.nan)
-            ax.plot(xs, ys, marker=MARKERS.get(prov, "o"), color=COLORS.get(prov),
-                    label=LABELS.get(prov, prov))
-        ksub = [r for r in kernel_rows if r["case"] == case]
-        for prov in _providers_in(ksub):
-            ys = []
-            for d in douts:
-                v = [r for r in ksub if r["provider"] == prov and r["shape"]["d_out"] == d]
-                ys.append(v[0]["value"] if v else math.nan)
-            ax.plot(xs, ys, marker=MARKERS.get(prov, "o"), color=COLORS.get(prov), ls="--",
-                    label=LABELS.get(prov, prov))
+        # solid: whole calls (nominal traffic); dashed: the kernels alone
+        for series, ls in ((sub, "-"), ([r for r in kernel_rows if r["case"] == case], "--")):
+            for prov in _providers_in(series):
+                ys = []
+                for d in douts:
+                    v = [r for r in series if r["provider"] == prov and r["shape"]["d_out"] == d]
+                    ys.append(v[0]["value"] if v else math.nan)
+                ax.plot(xs, ys, marker=MARKERS.get(prov, "o"), color=COLORS.get(prov), ls=ls,
+                        label=LABELS.get(prov, prov))
         if copy:
             ax.axhline(copy[0]["value"], color="k", ls="--", lw=1,
                        label=f"copy bandwidth (roofline), {copy[0]['value']:.0f} GB/s")
