@@ -32,6 +32,7 @@ finally:
 import torch  # noqa: E402
 
 from dorafactors import dora_fused as F  # noqa: E402
+from dorafactors import dora_fused_launch as L  # noqa: E402
 from dorafactors.dora_fused_naive import (  # noqa: E402
     dora_compose_backward_reference,
     dora_compose_reference,
@@ -543,7 +544,7 @@ def test_norm_validation(change, exc, match):
 
 
 def test_autotune_config_lists():
-    small, wide = F._autotune_configs(False), F._autotune_configs(True)
+    small, wide = L.autotune_configs(False), L.autotune_configs(True)
     for name in ("compose_fwd", "compose_bwd", "norm"):
         assert 1 <= len(small[name]) <= 8
         assert len(wide[name]) > 3 * len(small[name])
@@ -553,9 +554,9 @@ def test_autotune_config_lists():
         if name == "norm":
             assert all(c.kwargs["BLOCK_R"] >= 16 and c.kwargs["BLOCK_D"] >= 16 for c in wide[name])  # tl.dot
     # Pruning drops tiles far larger than the problem but keeps at least one.
-    kept = F._prune_compose(small["compose_fwd"], {"T_BUCKET": 1, "d_out": 1})
+    kept = L.prune_compose(small["compose_fwd"], {"T_BUCKET": 1, "d_out": 1})
     assert kept and all(c.kwargs["BLOCK_T"] <= 8 for c in kept)
-    assert F._prune_norm(small["norm"], {"r": 1, "d_out": 1})
+    assert L.prune_norm(small["norm"], {"r": 1, "d_out": 1})
 
 
 @pytest.mark.parametrize("raw, expect", [(None, False), ("0", False), ("1", True), ("yes", ValueError),

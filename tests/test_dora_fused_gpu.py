@@ -137,3 +137,48 @@ def test_gradcheck_fp64_cuda():
     n = torch.rand(33, generator=gen, **kw) + 0.5
     bias = torch.randn(33, generator=gen, **kw).requires_grad_()
     assert torch.autograd.gradcheck(lambda b, l, m_, bi: F.dora_compose(b, l, m_, n, S, bi), (base, lora, m, bias))
+
+
+def _launch_all(base, lora, m, n, dy, B, U, G, base_sq):
+    """Every kernel once, into outputs poisoned with NaN (an unwritten element shows)."""
+    def nan(like, dtype=None):
+        return torch.full_like(like, float("nan"), dtype=dtype or like.dtype)
+
+    out, v = F._launch_compose_fwd(base, lora, m, n, S, None, True, out=nan(base), v=nan(base, torch.float32))
+    d_base, d_lora, d_m, _ = F._launch_compose_bwd(
+        dy, v, m, n, S, saved_is_out=False, need_dbase=True, need_dlora=True, need_dm=True, need_dbias=False,
+        lora_dtype=lora.dtype, acc_dtype=torch.float32, d_base=nan(dy), d_lora=nan(lora))
+    n2, g2 = F._launch_norm_assembly(base_sq, U, B, G, S, m, 1e-6, n_out=nan(m), g_out=nan(m))
+    return [out, v, d_base, d_lora, d_m, n2, g2]
+
+
+@pytest.mark.parametrize("tokens", [4096, 333], ids=["T4096", "T333-ragged"])
+def test_direct_launch_matches_jit(tokens, monkeypatch):
+    """Launching the kept binary directly gives bit-identical results to Triton's JIT dispatch,
+    also for a pointer off 16-byte alignment (a different binary) and a new token count."""
+    d_out, r = 5120, 64
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    # +1 element: every [T, d_out] pointer is 2 bytes off alignment in the second set
+    flat = rnd(4 * tokens * d_out + 1)
+    aligned = [flat[i * tokens * d_out:(i + 1) * tokens * d_out].view(tokens, d_out) for i in range(3)]
+    shifted = [flat[1 + i * tokens * d_out:1 + (i + 1) * tokens * d_out].view(tokens, d_out) for i in range(3)]
+    m = torch.rand(d_out, device="cuda", generator=gen) + 0.5
+    n = m * (1 + 0.01 * torch.randn(d_out, device="cuda", generator=gen))
+    B, U, G = rnd(d_out, r), rnd(d_out, r), rnd(r, r)
+    G = (G @ G.t()).contiguous()
+    base_sq = torch.rand(d_out, device="cuda", generator=gen) * d_out
+    for base, lora, dy in (aligned, shifted):
+        monkeypatch.setattr(F.launch, "_DIRECT_LAUNCH", False)
+        expected = _launch_all(base, lora, m, n, dy, B, U, G, base_sq)
+        monkeypatch.setattr(F.launch, "_DIRECT_LAUNCH", True)
+        before = len(F.launch._direct_cache)
+        _launch_all(base, lora, m, n, dy, B, U, G, base_sq)  # first direct call: through the JIT, kept
+        assert len(F.launch._direct_cache) > before, "no binary was kept for direct launches"
+        assert all(torch.isfinite(t).all() for t in expected), "an output element was left unwritten"
+        got = _launch_all(base, lora, m, n, dy, B, U, G, base_sq)  # direct
+        for name, a, e in zip(("out", "v", "d_base", "d_lora", "d_m", "n", "g"), got, expected):
+            assert torch.equal(a, e), f"{name}: direct launch differs from the JIT launch"

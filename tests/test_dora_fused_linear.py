@@ -87,7 +87,7 @@ def test_gradcheck_fp64():
     n, bias = inputs["n"].double(), inputs["bias"].detach().clone().requires_grad_(True)
     leaves[3] = leaves[3].detach().double().requires_grad_(True)
     def fn(b, a, B, m, bi):
-        return FusedDoraLoraB.apply(b, a, B, m, n, 0.5, bi, *tail_vectors(m, n, 0.5))
+        return FusedDoraLoraB.apply(b, a, B, m, tail_vectors(m, n, 0.5), 0.5, bi)
 
     assert torch.autograd.gradcheck(fn, (*leaves, bias), eps=1e-6, atol=1e-6)
 
@@ -138,3 +138,41 @@ def test_fp32_weight_with_bf16_activations_as_under_autocast():
     for name, got in (("B", B32.grad), ("m", m.grad), ("ax", ax.grad)):
         err = (got.double() - ref[name]).abs().max().item()
         assert err <= 2e-2 * ref[name].abs().max().item(), f"d_{name}: max err {err:.3g}"
+
+
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["B32", "B16b", "B16"])
+@pytest.mark.parametrize("d_out,r,chunks", [(37, 5, 3), (64, 80, 1), (1, 1, 2)])
+@pytest.mark.parametrize("need", ["all", "no_dm", "only_bs"])
+def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monkeypatch):
+    """The [d_out, r] backward kernel (∂m, ∂B, sg·B) against its PyTorch twin and fp64, outputs poisoned."""
+    from dorafactors import dora_fused_linear as FL
+    from dorafactors.dora_fused_naive import lora_b_tail_backward_reference
+
+    gen = torch.Generator().manual_seed(d_out * 7 + r)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    n = rnd(d_out).abs() + 0.5
+    tail = tail_vectors((n * (1 + 0.05 * rnd(d_out))).float(), n.float(), 0.75)  # fp32, as the layer keeps it
+    P, B = rnd(d_out, r).float(), rnd(d_out, r).to(b_dtype)
+    pdm = None if need != "all" else rnd(chunks, d_out).float()
+    need_B, need_Bs = need != "only_bs", True
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    d_m, dB, Bs = FL._tail_backward(pdm, P, B, tail, torch.bfloat16, need_B, need_Bs)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    ref = lora_b_tail_backward_reference(pdm, P, B, tail.sg, tail.s_over_n, tail.n, torch.bfloat16)
+    wide = lora_b_tail_backward_reference(None if pdm is None else pdm.double(), P.double(), B.double(),
+                                          tail.sg.double(), tail.s_over_n.double(), tail.n.double(), torch.float64)
+    assert (d_m is None) == (pdm is None) and (dB is None) == (not need_B) and Bs is not None
+    for name, got, twin_value, exact in (("d_m", d_m, ref[0], wide[0]), ("dB", dB, ref[1], wide[1]),
+                                         ("Bs", Bs, ref[2], wide[2])):
+        if got is None:
+            continue
+        assert not torch.isnan(got).any(), f"{name}: unwritten elements"
+        assert got.dtype == twin_value.dtype, f"{name}: dtype {got.dtype} != {twin_value.dtype}"
+        tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+        scale = exact.abs().max().item() + 1e-12
+        assert (got.double() - twin_value.double()).abs().max().item() <= tol * scale, f"{name} vs twin"
+        assert (got.double() - exact).abs().max().item() <= tol * scale, f"{name} vs fp64"

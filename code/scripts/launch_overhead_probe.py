@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dorafactors import dora_fused as F  # noqa: E402
+from dorafactors import dora_fused_launch as L  # noqa: E402
 
 
 def host_us(fn, n=2000):
@@ -195,7 +196,7 @@ def probe_kernels(comprehensive, d_outs, T=4096):
     bw = copy_gbps()
     import triton
 
-    configs = F._autotune_configs(True)["compose_fwd"] if comprehensive else [
+    configs = L.autotune_configs(True)["compose_fwd"] if comprehensive else [
         triton.Config({"BLOCK_T": t, "BLOCK_D": dd}, num_warps=w, num_stages=1)
         for t, dd in ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 128), (16, 256), (16, 512),
                       (32, 128), (32, 256), (64, 64), (64, 128)) for w in (4, 8)]

@@ -83,6 +83,7 @@ def main() -> int:
             hosts.append((time.perf_counter() - t0) * 1e3)
             torch.cuda.synchronize()
             windows.append(start.elapsed_time(end))
+        cprofile_text = None
         if args.cprofile:  # Python-level: which of our functions (and Triton's) take the host time
             import cProfile
             import io
@@ -96,9 +97,11 @@ def main() -> int:
             sio = io.StringIO()
             pstats.Stats(cp, stream=sio).sort_stats("tottime").print_stats(40)
             print(f"== {name}: cProfile by own time ==\n{sio.getvalue()[:9000]}")
+            own_text = sio.getvalue()
             sio = io.StringIO()
             pstats.Stats(cp, stream=sio).sort_stats("cumtime").print_stats(45)
             print(f"== {name}: cProfile by cumulative time ==\n{sio.getvalue()[:9000]}")
+            cprofile_text = own_text + sio.getvalue()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             window()
             torch.cuda.synchronize()
@@ -109,7 +112,8 @@ def main() -> int:
         print(f"== {name}: windows {[round(w, 1) for w in windows]} ms, host issue {[round(h, 1) for h in hosts]} ms, "
               f"kernels {busy_us / 1e3:.1f} ms ==\n{cpu_table}")
         report[name] = {"window_ms": sorted(windows)[len(windows) // 2], "windows_ms": windows, "host_issue_ms": hosts,
-                        "kernel_busy_ms": busy_us / 1e3, "cuda_table": table, "cpu_table": cpu_table}
+                        "kernel_busy_ms": busy_us / 1e3, "cuda_table": table, "cpu_table": cpu_table,
+                        "cprofile": cprofile_text}
         model.unload()
         del model
     args.out.mkdir(parents=True, exist_ok=True)

@@ -415,13 +415,18 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SMALL_BACKWARD_NUMEL = 1 << 16  # below this, launch overhead outweighs the fused backward's savings
 
 
+_fused_import: list = []  # [module or None] once the lazy import was tried
+
+
 def _fused_module():
     """``dora_fused`` imported lazily (nothing needs Triton at import time); ``None`` if it fails."""
-    try:
-        from . import dora_fused
-    except Exception:  # pragma: no cover - a broken Triton install
-        return None
-    return dora_fused
+    if not _fused_import:
+        try:
+            from . import dora_fused
+        except Exception:  # pragma: no cover - a broken Triton install
+            dora_fused = None
+        _fused_import.append(dora_fused)
+    return _fused_import[0]
 
 
 def fused_unavailable_reason(result: torch.Tensor) -> Optional[str]:
@@ -473,6 +478,13 @@ def _plain_lora_b_weight(lora_B: Any, ax: torch.Tensor) -> Optional[torch.Tensor
         if ax.dtype != autocast_dtype or not B.is_floating_point():
             return None  # lora_B(ax) decides what such a mix means (usually an error)
     return B
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` requires grad (per forward: plain ``nn.Linear`` read directly)."""
+    if type(module) is nn.Linear:
+        return module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad)
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _weight_of(module_or_tensor: Any) -> torch.Tensor:
@@ -641,11 +653,7 @@ class DoraLinearLayer(nn.Module):
         ``x`` is already dropped out when ``dropout_active``.
         """
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or result.requires_grad
-            or self.weight.requires_grad
-            or any(p.requires_grad for p in lora_A.parameters())
-            or any(p.requires_grad for p in lora_B.parameters())
+            x.requires_grad or result.requires_grad or self.weight.requires_grad or _trains(lora_A) or _trains(lora_B)
         )
         if not (self._fused_compose_supported and use_fused_compose(result, needs_grad)):
             base_result = None if dropout_active else result

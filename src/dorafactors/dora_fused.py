@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import dora_fused_launch as launch
+from .dora_fused_launch import next_pow2 as _next_pow2
 from .dora_fused_naive import (  # noqa: F401 - the twins are re-exported
     compute_dtype, dora_compose_backward_reference, dora_compose_reference, dora_norm_assembly_reference)
 
@@ -100,70 +102,6 @@ def _autotune_comprehensive() -> bool:
     from .dora_env import get_config
 
     return get_config().autotune_comprehensive
-
-
-def _autotune_configs(comprehensive: bool) -> Dict[str, list]:
-    """Autotune configs per kernel: a short default list, or a wide sweep.
-
-    Compose kernels are memory-bound tiles of [BLOCK_T, BLOCK_D]; the norm
-    kernel tiles [BLOCK_D rows] x [BLOCK_R of r].
-    """
-    _load_triton()
-    Config = triton.Config
-    if not comprehensive:
-        # The winners of a CUDA-graph sweep on the H100 at T=4096, d_out 4096..27648
-        # (code/results/diagnostics/launch_probe_h100_before.json), plus small tiles for short T.
-        fwd = [(32, 256, 8), (16, 256, 8), (8, 512, 8), (8, 512, 4), (4, 512, 8), (8, 256, 4)]
-        bwd = [(64, 128, 4), (32, 128, 4), (16, 512, 4), (64, 64, 4), (32, 256, 8), (8, 256, 4)]
-        norm = [(64, 32, 4), (128, 32, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8), (32, 16, 2)]
-
-        def tiles(spec):
-            return [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=1) for t, d, w in spec]
-
-        return {"compose_fwd": tiles(fwd), "compose_bwd": tiles(bwd),
-                "norm": [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w) for d, r, w in norm]}
-    tiles = [(t, d, w, st) for t in (4, 8, 16, 32, 64) for d in (64, 128, 256, 512, 1024)
-             for w in (2, 4, 8, 16) for st in (1, 2, 3) if 1024 <= t * d <= 16384 and t * d // (32 * w) >= 4]
-    fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
-    nrm = [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w, num_stages=st)
-           for d in (16, 32, 64, 128) for r in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)
-           if d * r <= 8192]
-    return {"compose_fwd": fwd, "compose_bwd": list(fwd), "norm": nrm}
-
-
-def _interpreter_configs() -> Dict[str, list]:
-    # The interpreter cannot benchmark; one small config keeps tests fast and still tiles.
-    _load_triton()
-    Config = triton.Config
-    return {"compose_fwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
-            "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})], "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})]}
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _prune_by_caps(configs, caps):
-    # Drop tiles far larger than the problem, one dimension at a time; never drop all.
-    kept = list(configs)
-    for key, cap in caps:
-        fit = [c for c in kept if c.kwargs[key] <= cap]
-        if fit:
-            kept = fit
-        else:
-            smallest = min(c.kwargs[key] for c in kept)
-            kept = [c for c in kept if c.kwargs[key] == smallest]
-    return kept
-
-
-def _prune_compose(configs, named_args, **kwargs):
-    return _prune_by_caps(configs, [("BLOCK_T", max(8, _next_pow2(named_args["T_BUCKET"]))),
-                                    ("BLOCK_D", max(64, _next_pow2(named_args["d_out"])))])
-
-
-def _prune_norm(configs, named_args, **kwargs):
-    return _prune_by_caps(configs, [("BLOCK_R", max(16, _next_pow2(named_args["r"]))),
-                                    ("BLOCK_D", max(16, _next_pow2(named_args["d_out"])))])
 
 
 # -------- Kernels (defined on first use so that importing this module needs only torch) ---------
@@ -328,8 +266,8 @@ def _tuned(name: str):
     comprehensive = _autotune_comprehensive()
     key = (name, interp, comprehensive)
     if key not in _tuned_cache:
-        configs = _interpreter_configs()[name] if interp else _autotune_configs(comprehensive)[name]
-        prune = _prune_norm if name == "norm" else _prune_compose
+        configs = launch.interpreter_configs()[name] if interp else launch.autotune_configs(comprehensive)[name]
+        prune = launch.prune_norm if name == "norm" else launch.prune_compose
         _tuned_cache[key] = triton.autotune(
             configs=configs, key=_AUTOTUNE_KEYS[name], prune_configs_by={"early_config_prune": prune}
         )(raw)
@@ -344,10 +282,14 @@ _chosen: Dict[tuple, Dict[str, object]] = {}
 
 def _launch_tuned(name: str, grid, args: tuple, consts: dict, key: tuple) -> None:
     """Launch kernel ``name`` on ``grid(meta)`` with the autotuned config for ``key``."""
-    full_key = (name, _interpreting(), _autotune_comprehensive(), key)
+    interp = _interpreting()
+    full_key = (name, interp, _autotune_comprehensive(), key)
     chosen = _chosen.get(full_key)
     if chosen is not None:
-        _kernels()[name][grid(chosen)](*args, **consts, **chosen)
+        if interp or not launch.direct_launch_allowed():
+            _kernels()[name][grid(chosen)](*args, **consts, **chosen)
+        else:
+            launch.launch_direct(_kernels()[name], full_key, grid(chosen), args, consts, chosen)
         return
     tuner = _tuned(name)
     tuner[grid](*args, **consts)
@@ -369,9 +311,15 @@ def _check_runnable(t: torch.Tensor) -> None:
         )
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    # Triton launches on the current CUDA device: make it the tensors' device (a switch only when
+    # it differs: the common case costs no device-context enter/exit per launch)
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_SWITCH
 
 
 def _acc_of(dtype: torch.dtype):
@@ -380,14 +328,15 @@ def _acc_of(dtype: torch.dtype):
 
 def _rows(x: torch.Tensor, d_out: int) -> torch.Tensor:
     """``x`` [..., d_out] as [T, d_out] with unit column stride (copies only when needed)."""
-    x2 = x.reshape(-1, d_out)
+    x2 = x if x.dim() == 2 else x.reshape(-1, d_out)
     if d_out > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
 
 
 def _vec(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1).contiguous()
+    # per launch: skip the reshape (an aten call) for what is already a flat contiguous vector
+    return x if x.dim() == 1 and x.is_contiguous() else x.reshape(-1).contiguous()
 
 
 def _t_bucket(T: int) -> int:
@@ -436,10 +385,11 @@ def _default_t_chunk(T: int) -> int:
 
 def _launch_compose_bwd(
     dy2d, saved2d, m, n, s, *, saved_is_out, need_dbase, need_dlora, need_dm, need_dbias,
-    lora_dtype, acc_dtype, d_base=None, d_lora=None, block_t=None, block_d=None, t_chunk=None,
+    lora_dtype, acc_dtype, d_base=None, d_lora=None, block_t=None, block_d=None, t_chunk=None, reduce_dm=True,
 ):
     """(d_base [T, d_out] in dy dtype, d_lora [T, d_out] in lora dtype, d_m [d_out], d_bias [d_out])
-    with d_m, d_bias in ``acc_dtype``; entries not asked for are None."""
+    with d_m, d_bias in ``acc_dtype``; entries not asked for are None. ``reduce_dm=False`` returns
+    d_m's per-chunk partial sums ``Σ_t dy·saved`` [chunks, d_out] instead (the caller finishes it)."""
     _check_runnable(dy2d)
     T, d_out = dy2d.shape
     dev = dy2d.device
@@ -450,7 +400,7 @@ def _launch_compose_bwd(
     d_m = d_bias = None
     if T == 0 or d_out == 0:
         if need_dm:
-            d_m = torch.zeros(d_out, dtype=acc_dtype, device=dev)
+            d_m = torch.zeros(d_out if reduce_dm else (1, d_out), dtype=acc_dtype, device=dev)
         if need_dbias:
             d_bias = torch.zeros(d_out, dtype=acc_dtype, device=dev)
         return (d_base if need_dbase else None, d_lora if need_dlora else None, d_m, d_bias)
@@ -479,7 +429,7 @@ def _launch_compose_bwd(
                           + tuple(t.dtype for t in args[:8]))
     if need_dm:
         # The tiny reduction over T chunks; v/n = out/m when out was saved (bias None).
-        d_m = pdm.sum(0).div_((m1 if saved_is_out else n1).to(acc_dtype))
+        d_m = pdm.sum(0).div_((m1 if saved_is_out else n1).to(acc_dtype)) if reduce_dm else pdm
     if need_dbias:
         d_bias = pdb.sum(0)
     return (d_base if need_dbase else None, d_lora if need_dlora else None, d_m, d_bias)

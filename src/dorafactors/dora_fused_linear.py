@@ -13,98 +13,238 @@ through the same ``[d_out, r]`` product LoRA computes for ``∂B`` anyway:
 
 So the backward costs LoRA's two GEMMs plus one elementwise pass (read dy and base, write
 ∂base), and the forward keeps ``base`` in its own dtype instead of ``v`` in fp32: half the
-saved bytes, and two fewer [T, d_out] passes than saving ``v``.
+saved bytes, and two fewer [T, d_out] passes than saving ``v``. What is left over [d_out, r]
+(∂m's two parts summed and scaled, ∂B, the scaled ``B`` for ∂ax) is one small kernel: the step
+is host-bound on many layers, and that is one launch instead of seven torch ops.
 """
 
 from typing import Optional
 
 import torch
 
-from .dora_fused import SAVE_NONE, _compose_fwd_impl, _launch_compose_bwd, _rows, compute_dtype
+from . import dora_fused as _fused
+from .dora_fused import _launch_compose_bwd, _launch_compose_fwd, _rows
+from .dora_fused_naive import lora_b_tail_backward_reference
 
-__all__ = ["FusedDoraLoraB", "compose_lora_b", "tail_vectors"]
+__all__ = ["FusedDoraLoraB", "TailVectors", "compose_lora_b", "tail_vectors"]
+
+
+_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm takes out_dtype (asked once: a failing call is slow)
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``a @ b`` accumulated and returned in ``acc`` (one rounding, as a fp32-output GEMM)."""
     if a.is_cuda and acc == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm's out_dtype
-            pass
-    return torch.mm(a, b).to(acc)
+        if _MM_OUT_DTYPE.get(a.device.type, True):
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype
+                _MM_OUT_DTYPE[a.device.type] = False
+    out = torch.mm(a, b)
+    return out if out.dtype == acc else out.to(acc)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class TailVectors:
+    """Per-column fp32 vectors of one layer (fp64 if ``m`` or ``n`` is), detached, [d_out] each:
+    ``m`` and ``n`` for the kernels, ``sg = s·m/n`` (as a [d_out, 1] column) and ``s_over_n = s/n``
+    for the backward's scales of ∂B, ∂(A·x) and ∂m. Built once per norm and magnitude (the layer
+    caches it), then handed to every forward as a constant: no per-call casts or slicing, and
+    nothing for autograd (or a checkpoint's hooks) to save."""
+
+    __slots__ = ("m", "n", "sg", "s_over_n")
+
+    def __init__(self, m: torch.Tensor, n: torch.Tensor, s: float) -> None:
+        acc = torch.float64 if torch.float64 in (m.dtype, n.dtype) else torch.float32
+        with torch.no_grad():
+            self.m = m.detach().reshape(-1).to(acc, copy=True)
+            self.n = n.detach().reshape(-1).to(acc, copy=True)
+            self.sg = (self.m / self.n * s)[:, None]
+            self.s_over_n = torch.reciprocal(self.n).mul_(s)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.n.dtype
+
+
+def tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> TailVectors:
+    """The :class:`TailVectors` of ``m``, ``n`` and ``s`` (what :class:`FusedDoraLoraB` takes)."""
+    return TailVectors(m, n, s)
 
 
 class FusedDoraLoraB(torch.autograd.Function):
-    """``apply(base, ax, B, m, n, s, bias, sg, s_over_n)`` -> ``out`` [..., d_out] in ``base.dtype``.
+    """``apply(base, ax, B, m, tail, s, bias)`` -> ``out`` [..., d_out] in ``base.dtype``.
 
     ``ax`` [..., r] is ``A·x`` in the compute dtype; ``B`` [d_out, r] is ``lora_B``'s weight (any
     float dtype: multiplied in ``ax``'s, as autocast does, and given its gradient in its own);
-    ``n`` is a constant; ``bias`` is optional [d_out]; ``sg = s·m/n`` and ``s_over_n = s/n`` are
-    fp32 [d_out] (the layer caches them per norm and magnitude). Unvalidated: the DoRA layer
-    builds the inputs. The backward is a handful of host ops: the step is often host-bound.
+    ``m`` [d_out] is the magnitude (only its gradient flows through here: its value comes in
+    ``tail``, the :func:`tail_vectors` of ``m``, ``n`` and ``s``); ``bias`` is optional [d_out].
+    Unvalidated: the DoRA layer builds the inputs.
+
+    The step is often host-bound (many small layers): the forward saves at most three tensors and
+    the backward is a handful of host ops.
     """
 
     @staticmethod
-    def forward(ctx, base, ax, B, m, n, s, bias, sg, s_over_n):
-        B_c = B.to(ax.dtype)
-        lora = torch.matmul(ax, B_c.t())
-        out, _ = _compose_fwd_impl(base, lora, m, n, s, bias, SAVE_NONE)
-        ctx.s = float(s)
-        ctx.base_shape, ctx.ax_shape = base.shape, ax.shape
+    def forward(ctx, base, ax, B, m, tail, s, bias):
+        out = _forward(base, ax, B, tail, s, bias)
+        ctx.s, ctx.tail = s, tail  # constants: kept as they are, outside save_for_backward's hooks
+        ctx.m_meta = (m.shape, m.dtype)
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         # base is kept only for ∂m (a frozen magnitude saves no [T, d_out] tensor at all)
-        ctx.save_for_backward(base if ctx.needs_input_grad[3] else None, ax, B, m, n, sg, s_over_n)
+        ctx.save_for_backward(base if ctx.needs_input_grad[3] else None, ax, B)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        base, ax, B, m, n, sg, s_over_n = ctx.saved_tensors
+        base, ax, B = ctx.saved_tensors
+        tail = ctx.tail
         need_base, need_ax, need_B, need_m = ctx.needs_input_grad[:4]
         need_bias = ctx.bias_meta is not None and ctx.needs_input_grad[6]
         d_out, r = B.shape
         dy2 = _rows(dy, d_out)
-        acc = sg.dtype
-        d_base = d_m = d_bias = grads_ax = grads_B = None
+        acc = tail.dtype
+        d_base = pdm = d_m = d_bias = grads_ax = grads_B = None
         if need_base or need_m or need_bias:
-            # one pass over dy (and base): ∂base = g ⊙ dy, d_m = Σ_t dy·base / n, Σ_t dy
-            d_base, _, d_m, d_bias = _launch_compose_bwd(
-                dy2, _rows(base, d_out) if need_m else None, m, n, ctx.s, saved_is_out=False,
+            # one pass over dy (and base): ∂base = g ⊙ dy, per-chunk Σ_t dy·base, Σ_t dy
+            d_base, _, pdm, d_bias = _launch_compose_bwd(
+                dy2, _rows(base, d_out) if need_m else None, tail.m, tail.n, ctx.s, saved_is_out=False,
                 need_dbase=need_base, need_dlora=False, need_dm=need_m, need_dbias=need_bias,
-                lora_dtype=dy.dtype, acc_dtype=acc)
-        B_acc = B.to(acc)
-        if need_B or need_m:
-            P = _mm_acc(dy2.t(), ax.reshape(-1, r).to(dy2.dtype), acc)  # [d_out, r] = dyᵀ·ax
-            if need_m:  # + the LoRA part: s/n · Σ_j B_ij P_ij
-                d_m.addcmul_(torch.linalg.vecdot(P, B_acc), s_over_n)
-            if need_B:
-                grads_B = P.mul_(sg[:, None]).to(B.dtype)
-        if need_ax:
-            # out of place: B_acc may be the parameter itself
-            grads_ax = torch.mm(dy2, torch.mul(B_acc, sg[:, None]).to(dy2.dtype)).to(ax.dtype).view(ctx.ax_shape)
+                lora_dtype=dy.dtype, acc_dtype=acc, reduce_dm=False)
+        if need_B or need_m or need_ax:
+            P = _mm_acc(dy2.t(), _as(_rows(ax, r), dy2.dtype), acc) if (need_B or need_m) else None
+            d_m, grads_B, B_scaled = _tail_backward(pdm, P, B, tail, dy2.dtype, need_B, need_ax)
+            if need_ax:
+                grads_ax = _as(torch.mm(dy2, B_scaled), ax.dtype).view(ax.shape)
         return (
-            d_base.view(ctx.base_shape) if need_base else None,
+            d_base.view(dy.shape) if need_base else None,
             grads_ax,
             grads_B,
-            d_m.to(m.dtype).view(m.shape) if need_m else None,
+            _as(d_m, ctx.m_meta[1]).view(ctx.m_meta[0]) if need_m else None,
             None,
             None,
-            d_bias.to(ctx.bias_meta[1]).view(ctx.bias_meta[0]) if need_bias else None,
-            None,
-            None,
+            _as(d_bias, ctx.bias_meta[1]).view(ctx.bias_meta[0]) if need_bias else None,
         )
 
 
-def tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> tuple:
-    """``(s·m/n, s/n)`` [d_out] in fp32 (fp64 if ``m`` or ``n`` is), what :class:`FusedDoraLoraB` takes."""
-    acc = torch.float64 if torch.float64 in (m.dtype, n.dtype) else torch.float32
-    n = n.detach().reshape(-1).to(acc)
-    return m.detach().reshape(-1).to(acc) / n * s, torch.full_like(n, float(s)).div_(n)
+_TAIL_BLOCKS = {False: dict(BLOCK_D=32, BLOCK_R=64, num_warps=4), True: dict(BLOCK_D=16, BLOCK_R=16)}
+
+
+def _tail_kernel():
+    """The [d_out, r] backward kernel (defined on first use: importing needs only torch)."""
+    mode = _fused._interpreting()
+    if mode in _tail_kernels:
+        return _tail_kernels[mode]
+    _fused._load_triton()
+    triton, tl = _fused.triton, _fused.tl
+
+    @triton.jit
+    def _lora_b_tail_bwd_kernel(
+        pdm_ptr, P_ptr, B_ptr, sg_ptr, son_ptr, n_ptr, dm_ptr, dB_ptr, Bs_ptr,
+        d_out, r, n_chunks, stride_p, stride_b, stride_db, stride_bs,
+        NEED_DM: tl.constexpr, NEED_DB: tl.constexpr, NEED_BS: tl.constexpr,
+        ACC: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # A block of rows i: ∂B_i = sg_i·P_i, (sg·B)_i, and ∂m_i = Σ_c pdm_ci / n_i + (s/n_i)·Σ_j B_ij P_ij
+        pid = tl.program_id(0)
+        rows = (pid * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        rmask = rows < d_out
+        sg = tl.load(sg_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        cross = tl.zeros([BLOCK_D], dtype=ACC)
+        for j0 in range(0, r, BLOCK_R):
+            cj = j0 + tl.arange(0, BLOCK_R)
+            mj = rmask[:, None] & (cj < r)[None, :]
+            Bj = tl.load(B_ptr + rows[:, None] * stride_b + cj[None, :], mask=mj, other=0.0).to(ACC)
+            if NEED_BS:
+                tl.store(Bs_ptr + rows[:, None] * stride_bs + cj[None, :],
+                         (sg[:, None] * Bj).to(Bs_ptr.dtype.element_ty), mask=mj)
+            if NEED_DM or NEED_DB:
+                Pj = tl.load(P_ptr + rows[:, None] * stride_p + cj[None, :], mask=mj, other=0.0).to(ACC)
+                if NEED_DB:
+                    tl.store(dB_ptr + rows[:, None] * stride_db + cj[None, :],
+                             (sg[:, None] * Pj).to(dB_ptr.dtype.element_ty), mask=mj)
+                if NEED_DM:
+                    cross += tl.sum(Bj * Pj, axis=1)
+        if NEED_DM:
+            base_part = tl.zeros([BLOCK_D], dtype=ACC)
+            for c in range(0, n_chunks):
+                base_part += tl.load(pdm_ptr + c * d_out + rows, mask=rmask, other=0.0).to(ACC)
+            n = tl.load(n_ptr + rows, mask=rmask, other=1.0).to(ACC)
+            son = tl.load(son_ptr + rows, mask=rmask, other=0.0).to(ACC)
+            if IS_FP64:
+                d_m = base_part / n + son * cross
+            else:
+                d_m = tl.div_rn(base_part, n) + son * cross
+            tl.store(dm_ptr + rows, d_m, mask=rmask)
+
+    _tail_kernels[mode] = _lora_b_tail_bwd_kernel
+    return _lora_b_tail_bwd_kernel
+
+
+_tail_kernels: dict = {}
+
+
+def _tail_backward(pdm, P, B, tail: "TailVectors", bs_dtype, need_B: bool, need_Bs: bool):
+    """(∂m or None, ∂B or None, sg ⊙_rows B or None): one launch of the [d_out, r] kernel, or its
+    PyTorch twin where the kernels cannot run (a CPU tensor without the interpreter)."""
+    need_dm = pdm is not None
+    if B.device.type != "cuda" and not _fused._interpreting():
+        d_m, dB, Bs = lora_b_tail_backward_reference(pdm, P if P is not None else B.to(tail.dtype), B,
+                                                     tail.sg, tail.s_over_n, tail.n, bs_dtype)
+        return d_m, dB if need_B else None, Bs if need_Bs else None
+    d_out, r = B.shape
+    acc = tail.dtype
+    dev = B.device
+    d_m = torch.empty(d_out, dtype=acc, device=dev) if need_dm else None
+    dB = torch.empty((d_out, r), dtype=B.dtype, device=dev) if need_B else None
+    Bs = torch.empty((d_out, r), dtype=bs_dtype, device=dev) if need_Bs else None
+    if d_out == 0 or r == 0:
+        if need_dm:  # no LoRA part: the base part alone
+            d_m.copy_(pdm.sum(0) / tail.n)
+        return d_m, dB, Bs
+    B2 = B if B.stride(1) == 1 else B.contiguous()
+    P2 = P if P is not None else B2  # never read without ∂m or ∂B
+    dummy = tail.n
+    args = (pdm if need_dm else dummy, P2, B2, tail.sg, tail.s_over_n, tail.n,
+            d_m if need_dm else dummy, dB if need_B else B2, Bs if need_Bs else B2,
+            d_out, r, pdm.shape[0] if need_dm else 0, P2.stride(0), B2.stride(0),
+            dB.stride(0) if need_B else 0, Bs.stride(0) if need_Bs else 0)
+    kernel = _tail_kernel()  # binds triton / tl
+    interp = _fused._interpreting()
+    is64 = acc == torch.float64
+    consts = dict(NEED_DM=need_dm, NEED_DB=bool(need_B), NEED_BS=bool(need_Bs),
+                  ACC=_fused.tl.float64 if is64 else _fused.tl.float32, IS_FP64=is64)
+    blocks = _TAIL_BLOCKS[interp]
+    grid = (_fused.triton.cdiv(d_out, blocks["BLOCK_D"]), 1, 1)
+    with _fused._on_device(B):
+        if interp or not _fused.launch.direct_launch_allowed():
+            kernel[grid](*args, **consts, **blocks)
+        else:
+            key = ("lora_b_tail_bwd", need_dm, bool(need_B), bool(need_Bs), is64)
+            _fused.launch.launch_direct(kernel, key, grid, args, consts, blocks)
+    return d_m, dB, Bs
+
+
+def _forward(base, ax, B, tail, s, bias):
+    d_out = base.shape[-1]
+    lora = torch.matmul(ax, _as(B, ax.dtype).t())
+    out, _ = _launch_compose_fwd(_rows(base, d_out), _rows(lora, d_out), tail.m, tail.n, s, bias, False)
+    return out.view(base.shape)
 
 
 def compose_lora_b(base: torch.Tensor, ax: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
-                   s: float, bias: Optional[torch.Tensor] = None, tail: Optional[tuple] = None) -> torch.Tensor:
-    """``g ⊙ (base + s·ax·Bᵀ) + bias`` through :class:`FusedDoraLoraB` (``n`` detached here);
-    ``tail`` passes precomputed :func:`tail_vectors` (computed here when None)."""
-    sg, s_over_n = tail if tail is not None else tail_vectors(m, n, s)
-    return FusedDoraLoraB.apply(base, ax, B, m, n.detach(), float(s), bias, sg, s_over_n)
+                   s: float, bias: Optional[torch.Tensor] = None, tail: Optional[TailVectors] = None) -> torch.Tensor:
+    """``g ⊙ (base + s·ax·Bᵀ) + bias`` through :class:`FusedDoraLoraB` (``n`` a constant);
+    ``tail`` passes precomputed :func:`tail_vectors` (computed here when None). Without autograd
+    (no grad mode, or nothing requires grad) the Function is skipped: same kernels, less host time."""
+    tail = tail if tail is not None else tail_vectors(m, n, s)
+    s = float(s)
+    if torch.is_grad_enabled() and (
+        base.requires_grad or ax.requires_grad or B.requires_grad or m.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        return FusedDoraLoraB.apply(base, ax, B, m, tail, s, bias)
+    return _forward(base, ax, B, tail, s, bias)

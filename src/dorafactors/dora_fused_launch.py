@@ -1,0 +1,140 @@
+"""How the fused kernels are tuned and launched: autotune config lists, their pruning, and direct
+launches of compiled binaries (no Triton JIT dispatch per call). Imports only torch at import time;
+everything here is internal to :mod:`.dora_fused`."""
+
+from typing import Dict
+
+import torch
+
+__all__: list = []
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def autotune_configs(comprehensive: bool) -> Dict[str, list]:
+    """Autotune configs per kernel: a short default list, or a wide sweep.
+
+    Compose kernels are memory-bound tiles of [BLOCK_T, BLOCK_D]; the norm
+    kernel tiles [BLOCK_D rows] x [BLOCK_R of r].
+    """
+    import triton
+
+    Config = triton.Config
+    if not comprehensive:
+        # The winners of a CUDA-graph sweep on the H100 at T=4096, d_out 4096..27648
+        # (code/results/diagnostics/launch_probe_h100_before.json), plus small tiles for short T.
+        fwd = [(32, 256, 8), (16, 256, 8), (8, 512, 8), (8, 512, 4), (4, 512, 8), (8, 256, 4)]
+        bwd = [(64, 128, 4), (32, 128, 4), (16, 512, 4), (64, 64, 4), (32, 256, 8), (8, 256, 4)]
+        norm = [(64, 32, 4), (128, 32, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8), (32, 16, 2)]
+
+        def tiles(spec):
+            return [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=1) for t, d, w in spec]
+
+        return {"compose_fwd": tiles(fwd), "compose_bwd": tiles(bwd),
+                "norm": [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w) for d, r, w in norm]}
+    tiles = [(t, d, w, st) for t in (4, 8, 16, 32, 64) for d in (64, 128, 256, 512, 1024)
+             for w in (2, 4, 8, 16) for st in (1, 2, 3) if 1024 <= t * d <= 16384 and t * d // (32 * w) >= 4]
+    fwd = [Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=st) for t, d, w, st in tiles]
+    nrm = [Config({"BLOCK_D": d, "BLOCK_R": r}, num_warps=w, num_stages=st)
+           for d in (16, 32, 64, 128) for r in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)
+           if d * r <= 8192]
+    return {"compose_fwd": fwd, "compose_bwd": list(fwd), "norm": nrm}
+
+
+def interpreter_configs() -> Dict[str, list]:
+    # The interpreter cannot benchmark; one small config keeps tests fast and still tiles.
+    import triton
+
+    Config = triton.Config
+    return {"compose_fwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})],
+            "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})], "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})]}
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _prune_by_caps(configs, caps):
+    # Drop tiles far larger than the problem, one dimension at a time; never drop all.
+    kept = list(configs)
+    for key, cap in caps:
+        fit = [c for c in kept if c.kwargs[key] <= cap]
+        if fit:
+            kept = fit
+        else:
+            smallest = min(c.kwargs[key] for c in kept)
+            kept = [c for c in kept if c.kwargs[key] == smallest]
+    return kept
+
+
+def prune_compose(configs, named_args, **kwargs):
+    return _prune_by_caps(configs, [("BLOCK_T", max(8, next_pow2(named_args["T_BUCKET"]))),
+                                    ("BLOCK_D", max(64, next_pow2(named_args["d_out"])))])
+
+
+def prune_norm(configs, named_args, **kwargs):
+    return _prune_by_caps(configs, [("BLOCK_R", max(16, next_pow2(named_args["r"]))),
+                                    ("BLOCK_D", max(16, next_pow2(named_args["d_out"])))])
+
+
+# Direct launches of the compiled kernel. Triton's JIT entry re-derives, on every call, what the
+# binary was specialised on (each argument's type, 16-byte pointer alignment, integer divisibility
+# by 16 and equality to 1) to find it in its cache: ~30 µs of host time per launch on an H100 host,
+# and the fused step is host-bound. Here the binary the JIT returned is kept under a key that
+# determines all of that (each pointer's dtype and alignment, every integer's exact value, the
+# device) and its launcher is called directly; any new key goes through the JIT once. Launch hooks
+# (profilers such as Proton) keep the JIT path. ``_DIRECT_LAUNCH = False`` turns this off.
+_DIRECT_LAUNCH = True
+_direct_cache: Dict[tuple, tuple] = {}
+
+
+def direct_launch_allowed() -> bool:
+    if not _DIRECT_LAUNCH:
+        return False
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    runtime = getattr(knobs, "runtime", None)
+    return runtime is not None and runtime.launch_enter_hook is None and runtime.launch_exit_hook is None
+
+
+def _specialization(args: tuple) -> tuple:
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, (bool, int)):
+            spec.append(a)  # the exact value: covers ==1, %16 and the i32/i64 choice
+        else:
+            spec.append(type(a))  # floats: passed as fp32, never specialised
+    return tuple(spec)
+
+
+def launch_direct(jit_fn, full_key: tuple, grid: tuple, args: tuple, consts: dict, chosen: dict) -> None:
+    """Launch ``jit_fn`` with ``args`` (its non-constexpr parameters, in order) and the constexprs in
+    ``consts`` and ``chosen`` (the autotuned config) on ``grid``; ``full_key`` names the tuned call."""
+    device = torch.cuda.current_device()
+    dkey = (full_key, device, _specialization(args))
+    hit = _direct_cache.get(dkey)
+    if hit is None:
+        compiled = jit_fn[grid](*args, **consts, **chosen)  # compiles or finds the binary, and launches
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return
+        params = {**consts, **chosen}
+        tail = tuple(params[p] for p in jit_fn.arg_names[len(args):])  # the constexprs, in signature order
+        _direct_cache[dkey] = (compiled, tail)
+        return
+    compiled, tail = hit
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *tail)
+
+
+try:  # what Triton's own launcher asks for the stream
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - a torch without it
+    def _raw_stream(device: int) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
