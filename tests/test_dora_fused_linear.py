@@ -10,6 +10,7 @@ pytest.importorskip("triton")  # conftest.py has set TRITON_INTERPRET=1 where th
 
 import torch  # noqa: E402
 
+from dorafactors import dora_fused_linear as FL  # noqa: E402
 from dorafactors.dora_fused_linear import FusedDoraLoraB, compose_lora_b, tail_vectors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +60,10 @@ def grads_of(fn, inputs, dy, s):
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape_t,d_out,r", [((7,), 33, 5), ((2, 3), 64, 16), ((1,), 1, 1)])
-def test_matches_fp64_autograd(shape_t, d_out, r, dtype, rtol, bias):
+@pytest.mark.parametrize("tail_kernel", [False, True], ids=["tail-twin", "tail-kernel"])
+def test_matches_fp64_autograd(shape_t, d_out, r, dtype, rtol, bias, tail_kernel, monkeypatch):
+    # on a GPU: the [d_out, r] backward through its compiled kernel or its twin (CPU: always interpreted)
+    monkeypatch.setattr(FL, "_TAIL_KERNEL_ON_CUDA", tail_kernel)
     inputs = make(shape_t, d_out, r, dtype, bias, seed=d_out + r)
     dy = torch.randn(*shape_t, d_out, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     s = 0.75
@@ -145,7 +149,6 @@ def test_fp32_weight_with_bf16_activations_as_under_autocast():
 @pytest.mark.parametrize("need", ["all", "no_dm", "only_bs"])
 def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monkeypatch):
     """The [d_out, r] backward kernel (∂m, ∂B, sg·B) against its PyTorch twin and fp64, outputs poisoned."""
-    from dorafactors import dora_fused_linear as FL
     from dorafactors.dora_fused_naive import lora_b_tail_backward_reference
 
     gen = torch.Generator().manual_seed(d_out * 7 + r)
@@ -160,7 +163,15 @@ def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monk
     need_B, need_Bs = need != "only_bs", True
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(FL, "_TAIL_KERNEL_ON_CUDA", True)  # compiled on a GPU, interpreted on the CPU
     d_m, dB, Bs = FL._tail_backward(pdm, P, B, tail, torch.bfloat16, need_B, need_Bs)
+    if DEVICE == "cuda":  # again through a direct launch of the kept binary: bit-identical
+        from dorafactors import dora_fused_launch
+
+        monkeypatch.setattr(dora_fused_launch, "_DIRECT_LAUNCH", True)
+        for _ in range(2):
+            again = FL._tail_backward(pdm, P, B, tail, torch.bfloat16, need_B, need_Bs)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(again, (d_m, dB, Bs)))
     monkeypatch.setattr(torch, "empty", real_empty)
     ref = lora_b_tail_backward_reference(pdm, P, B, tail.sg, tail.s_over_n, tail.n, torch.bfloat16)
     wide = lora_b_tail_backward_reference(None if pdm is None else pdm.double(), P.double(), B.double(),
@@ -176,3 +187,19 @@ def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monk
         scale = exact.abs().max().item() + 1e-12
         assert (got.double() - twin_value.double()).abs().max().item() <= tol * scale, f"{name} vs twin"
         assert (got.double() - exact).abs().max().item() <= tol * scale, f"{name} vs fp64"
+
+
+def test_tail_backward_twin_path_where_the_kernel_is_off(monkeypatch):
+    """Compiled mode with the kernel switched off (CUDA's default until its GPU test passed): the
+    twin computes exactly what it is asked for, nothing more."""
+    from dorafactors.dora_fused_naive import lora_b_tail_backward_reference
+
+    monkeypatch.setattr(FL, "_TAIL_KERNEL_ON_CUDA", False)
+    monkeypatch.setattr(FL._fused, "_interpreting", lambda: False)
+    gen = torch.Generator().manual_seed(11)
+    n = torch.rand(9, generator=gen) + 0.5
+    tail = tail_vectors(n * 1.1, n, 0.5)
+    P, B, pdm = torch.randn(9, 4, generator=gen), torch.randn(9, 4, generator=gen), torch.randn(3, 9, generator=gen)
+    d_m, dB, Bs = FL._tail_backward(pdm, P, B, tail, torch.bfloat16, False, True)
+    ref = lora_b_tail_backward_reference(pdm, P, B, tail.sg, tail.s_over_n, tail.n, torch.bfloat16)
+    assert dB is None and torch.equal(d_m, ref[0]) and torch.equal(Bs, ref[2])

@@ -122,18 +122,21 @@ def dora_norm_assembly_reference(
 
 def lora_b_tail_backward_reference(
     pdm: Optional[torch.Tensor], P: torch.Tensor, B: torch.Tensor, sg: torch.Tensor, s_over_n: torch.Tensor,
-    n: torch.Tensor, bs_dtype: torch.dtype,
-) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    n: torch.Tensor, bs_dtype: torch.dtype, *, need_dB: bool = True, need_Bs: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The fused linear tail's small backward pass over [d_out, r] (twin of its Triton kernel).
 
     ``pdm`` [C, d_out]: per-chunk sums ``Σ_t dy·base`` (None: no ∂m); ``P = dyᵀ·ax`` [d_out, r] in
     the accumulation dtype; ``sg = s·m/n``, ``s_over_n = s/n``, ``n`` [d_out]. Returns
     ``∂m = Σ_c pdm / n + (s/n)·Σ_j B_ij P_ij`` (accumulation dtype), ``∂B = sg ⊙_rows P`` in
-    ``B.dtype`` and ``sg ⊙_rows B`` in ``bs_dtype`` (what ∂(A·x) multiplies ``dy`` by).
+    ``B.dtype`` and ``sg ⊙_rows B`` in ``bs_dtype`` (what ∂(A·x) multiplies ``dy`` by); the last two
+    only when asked for (else None).
     """
     acc = P.dtype
     sg_col = sg.reshape(-1, 1).to(acc)
+    B_acc = B.to(acc)
     d_m = None
     if pdm is not None:
-        d_m = pdm.to(acc).sum(0) / n.to(acc) + s_over_n.to(acc) * (P * B.to(acc)).sum(1)
-    return d_m, (P * sg_col).to(B.dtype), (B.to(acc) * sg_col).to(bs_dtype)
+        d_m = torch.addcmul(pdm.to(acc).sum(0) / n.to(acc), torch.linalg.vecdot(P, B_acc), s_over_n.to(acc))
+    dB = (P * sg_col).to(B.dtype) if need_dB else None
+    return d_m, dB, (B_acc * sg_col).to(bs_dtype) if need_Bs else None
