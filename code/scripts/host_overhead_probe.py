@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--stub-launches", action=argparse.BooleanOptionalAction, default=None,
                    help="replace Triton launches by no-ops (default: on without CUDA)")
     p.add_argument("--label", default="", help="a name for this source tree in the JSON")
+    p.add_argument("--fast-paths", action="store_true",
+                   help="turn on the GPU-gated host-path changes (direct launches, compiled tail kernel) "
+                        "for this run; compare with a run without it")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -90,6 +93,11 @@ def main(argv=None) -> int:
 
     if stub:
         dora_fused._launch_tuned = lambda *a, **k: None
+    if args.fast_paths:
+        from dorafactors import dora_fused_launch, dora_fused_linear
+
+        dora_fused_launch._DIRECT_LAUNCH = True
+        dora_fused_linear._TAIL_KERNEL_ON_CUDA = True
     x = torch.randn(2, args.tokens // 2, args.width, device=device, dtype=torch.bfloat16)
     providers = {"lora": (build(False, args, device), {}),
                  "ours_fused": (build(True, args, device), {"fused": True}),
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
         "what": "host us per adapted linear per micro-batch (2 forwards + 1 backward, checkpointed)",
         "label": args.label,
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "stub_launches": stub, "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__, "stub_launches": stub, "fast_paths": args.fast_paths, "args": {k: str(v) for k, v in vars(args).items()},
         "us_per_linear": best,
         "ours_fused_minus_lora_us": best["ours_fused"] - best["lora"],
         "ours_fused_over_lora": best["ours_fused"] / best["lora"],

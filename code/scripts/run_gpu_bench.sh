@@ -17,6 +17,9 @@
 #                      without flash-linear-attention, as on our H100: slow, so fewer layers; about
 #                      4 s per window of LoRA at 4 layers). If it runs over, add `--layers 4`.
 #   models-other       the five above one after another (too long for one call; for a shell)
+#   host               host cost per adapted linear (code/scripts/host_overhead_probe.py) with the GPU-gated
+#                      host paths off and on, after their GPU tests (direct launches, compiled tail kernel:
+#                      tests/test_dora_fused_gpu.py, tests/test_dora_fused_linear.py; report host-tests.txt)
 #   qdora              QDoRA: the GPU tests of tests/test_dora_quant.py (report qdora-gpu-tests.txt/.xml in
 #                      $OUT), then Qwen3-VL-8B LM, full depth, r=384, on an NF4 base with double
 #                      quantization (bitsandbytes, QLoRA's setting): QLoRA, upstream PEFT 0.18.0 QDoRA,
@@ -84,6 +87,16 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'); print
             model_part "$m" 16 "$m-L16-r384" "$@"
         done
         model_part qwen3.5-27b 8 "qwen3.5-27b-L8-r384" --repeats 2 "$@"
+        ;;
+    host)
+        set +e
+        (cd "$ROOT" && "$PY" -m pytest -q tests/test_dora_fused_gpu.py tests/test_dora_fused_linear.py \
+            tests/test_dora_dispatch.py -p no:cacheprovider) 2>&1 | tee "$OUT_DIR/host-tests.txt"
+        tests_rc=${PIPESTATUS[0]}
+        set -e
+        "$PY" "$ROOT/code/scripts/host_overhead_probe.py" --cprofile --out "$OUT_DIR/host_probe_default.json" "$@"
+        "$PY" "$ROOT/code/scripts/host_overhead_probe.py" --cprofile --fast-paths --out "$OUT_DIR/host_probe_fast.json" "$@"
+        exit "$tests_rc"
         ;;
     qdora)
         set +e
