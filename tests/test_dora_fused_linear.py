@@ -203,3 +203,20 @@ def test_tail_backward_twin_path_where_the_kernel_is_off(monkeypatch):
     d_m, dB, Bs = FL._tail_backward(pdm, P, B, tail, torch.bfloat16, False, True)
     ref = lora_b_tail_backward_reference(pdm, P, B, tail.sg, tail.s_over_n, tail.n, torch.bfloat16)
     assert dB is None and torch.equal(d_m, ref[0]) and torch.equal(Bs, ref[2])
+
+
+def test_autocast_casts_B_as_the_explicit_path_does():
+    """Under autocast F.linear casts the fp32 B itself: same output and gradients as the explicit cast."""
+    inputs = make((6,), 20, 4, torch.bfloat16, False, seed=12)
+    dy = torch.randn(6, 20, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.bfloat16)
+    results = []
+    for use_autocast in (False, True):
+        B32 = inputs["B"].float().clone().requires_grad_(True)
+        ax = inputs["ax"].clone().requires_grad_(True)
+        m = inputs["m"].clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=use_autocast):
+            out = compose_lora_b(inputs["base"], ax, B32, m, inputs["n"], 0.5)
+        out.backward(dy)
+        results.append((out.detach(), B32.grad, ax.grad, m.grad))
+    for name, a, b in zip(("out", "dB", "dax", "dm"), *results):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs under autocast"

@@ -334,6 +334,21 @@ def _rows(x: torch.Tensor, d_out: int) -> torch.Tensor:
     return x2
 
 
+def _launch_rows(x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``x`` [..., d_out] as rows for a kernel launch: a contiguous ``x`` of any rank as it is (its
+    rows are ``d_out`` apart; no reshape or view op per launch), anything else through :func:`_rows`."""
+    return x if x.dim() >= 2 and x.is_contiguous() else _rows(x, d_out)
+
+
+def _n_rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _row_stride(x: torch.Tensor) -> int:
+    """Distance between rows of a launch-rows tensor (its second-to-last stride)."""
+    return x.stride(-2) if x.dim() >= 2 else x.shape[-1]
+
+
 def _vec(x: torch.Tensor) -> torch.Tensor:
     # per launch: skip the reshape (an aten call) for what is already a flat contiguous vector
     return x if x.dim() == 1 and x.is_contiguous() else x.reshape(-1).contiguous()
@@ -348,13 +363,13 @@ def _launch_compose_fwd(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """out [T, d_out] (base dtype) and, if ``write_v``, v = base + s·lora [T, d_out]."""
     _check_runnable(base2d)
-    T, d_out = base2d.shape
+    d_out, T = base2d.shape[-1], _n_rows(base2d)
     if out is None:
-        out = torch.empty((T, d_out), dtype=base2d.dtype, device=base2d.device)
+        out = torch.empty(base2d.shape, dtype=base2d.dtype, device=base2d.device)
     if write_v and v is None:
         # v is kept in the compute dtype (fp32): rounding it to bf16 would make ∂m less precise
         # than upstream's own bf16 result (measured on the H100: 1.22x its error against fp64)
-        v = torch.empty((T, d_out), dtype=compute_dtype(base2d, lora2d, m, n, bias), device=base2d.device)
+        v = torch.empty(base2d.shape, dtype=compute_dtype(base2d, lora2d, m, n, bias), device=base2d.device)
     if T == 0 or d_out == 0:
         return out, v
     _kernels()
@@ -363,7 +378,7 @@ def _launch_compose_fwd(
     b1 = _vec(bias) if bias is not None else m1
     v_arg = v if write_v else out
     args = (base2d, lora2d, m1, n1, b1, out, v_arg, T, d_out,
-            base2d.stride(0), lora2d.stride(0), out.stride(0), v_arg.stride(0), float(s), _t_bucket(T))
+            _row_stride(base2d), _row_stride(lora2d), _row_stride(out), _row_stride(v_arg), float(s), _t_bucket(T))
     consts = dict(HAS_BIAS=bias is not None, WRITE_V=bool(write_v), ACC=acc, IS_FP64=is64, **_OPTS)
     with _on_device(base2d):
         if block_t is not None:
@@ -391,12 +406,12 @@ def _launch_compose_bwd(
     with d_m, d_bias in ``acc_dtype``; entries not asked for are None. ``reduce_dm=False`` returns
     d_m's per-chunk partial sums ``Σ_t dy·saved`` [chunks, d_out] instead (the caller finishes it)."""
     _check_runnable(dy2d)
-    T, d_out = dy2d.shape
+    d_out, T = dy2d.shape[-1], _n_rows(dy2d)
     dev = dy2d.device
     if need_dbase and d_base is None:
-        d_base = torch.empty((T, d_out), dtype=dy2d.dtype, device=dev)
+        d_base = torch.empty(dy2d.shape, dtype=dy2d.dtype, device=dev)
     if need_dlora and d_lora is None:
-        d_lora = torch.empty((T, d_out), dtype=lora_dtype, device=dev)
+        d_lora = torch.empty(dy2d.shape, dtype=lora_dtype, device=dev)
     d_m = d_bias = None
     if T == 0 or d_out == 0:
         if need_dm:
@@ -415,7 +430,7 @@ def _launch_compose_bwd(
     dbase_arg = d_base if need_dbase else dy2d
     dlora_arg = d_lora if need_dlora else dy2d
     args = (dy2d, sv, m1, n1, dbase_arg, dlora_arg, pdm, pdb, T, d_out, t_chunk,
-            dy2d.stride(0), sv.stride(0), dbase_arg.stride(0), dlora_arg.stride(0), float(s), _t_bucket(T))
+            _row_stride(dy2d), _row_stride(sv), _row_stride(dbase_arg), _row_stride(dlora_arg), float(s), _t_bucket(T))
     consts = dict(NEED_DBASE=bool(need_dbase), NEED_DLORA=bool(need_dlora), NEED_DM=bool(need_dm),
                   NEED_DBIAS=bool(need_dbias), ACC=acc, IS_FP64=is64, **_OPTS)
     with _on_device(dy2d):
@@ -477,23 +492,28 @@ def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None
 
 def _compose_fwd_impl(base, lora, m, n, s, bias, save_mode):
     d_out = base.shape[-1]
-    out2d, v2d = _launch_compose_fwd(_rows(base, d_out), _rows(lora, d_out), m, n, s, bias, save_mode == SAVE_V)
-    out = out2d.view(base.shape)
-    v = v2d.view(base.shape) if v2d is not None else base.new_empty(0)
+    out2d, v2d = _launch_compose_fwd(_launch_rows(base, d_out), _launch_rows(lora, d_out), m, n, s, bias,
+                                     save_mode == SAVE_V)
+    out = _shaped(out2d, base.shape)
+    v = _shaped(v2d, base.shape) if v2d is not None else base.new_empty(0)
     return out, v
+
+
+def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t if t.shape == shape else t.view(shape)
 
 
 def _compose_bwd_impl(dy, saved, m, n, s, save_mode, need_dbase, need_dlora, need_dm, need_dbias,
                       lora_dtype, acc_dtype):
     d_out = dy.shape[-1]
-    saved2d = _rows(saved, d_out) if (need_dm and saved is not None) else None
+    saved2d = _launch_rows(saved, d_out) if (need_dm and saved is not None) else None
     d_base, d_lora, d_m, d_bias = _launch_compose_bwd(
-        _rows(dy, d_out), saved2d, m, n, s, saved_is_out=save_mode == SAVE_OUT, need_dbase=need_dbase,
+        _launch_rows(dy, d_out), saved2d, m, n, s, saved_is_out=save_mode == SAVE_OUT, need_dbase=need_dbase,
         need_dlora=need_dlora, need_dm=need_dm, need_dbias=need_dbias, lora_dtype=lora_dtype, acc_dtype=acc_dtype)
     # Outputs not asked for are fresh empty tensors (custom-op outputs may not alias).
     return (
-        d_base.view(dy.shape) if d_base is not None else dy.new_empty(0),
-        d_lora.view(dy.shape) if d_lora is not None else dy.new_empty(0, dtype=lora_dtype),
+        _shaped(d_base, dy.shape) if d_base is not None else dy.new_empty(0),
+        _shaped(d_lora, dy.shape) if d_lora is not None else dy.new_empty(0, dtype=lora_dtype),
         d_m if d_m is not None else dy.new_empty(0, dtype=acc_dtype),
         d_bias if d_bias is not None else dy.new_empty(0, dtype=acc_dtype),
     )

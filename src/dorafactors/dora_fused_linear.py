@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import dora_fused as _fused
-from .dora_fused import _launch_compose_bwd, _launch_compose_fwd, _rows
+from .dora_fused import _launch_compose_bwd, _launch_compose_fwd, _launch_rows, _rows, _shaped
 from .dora_fused_naive import lora_b_tail_backward_reference
 
 __all__ = ["FusedDoraLoraB", "TailVectors", "compose_lora_b", "tail_vectors"]
@@ -111,7 +111,7 @@ class FusedDoraLoraB(torch.autograd.Function):
         if need_base or need_m or need_bias:
             # one pass over dy (and base): ∂base = g ⊙ dy, per-chunk Σ_t dy·base, Σ_t dy
             d_base, _, pdm, d_bias = _launch_compose_bwd(
-                dy2, _rows(base, d_out) if need_m else None, tail.m, tail.n, ctx.s, saved_is_out=False,
+                _launch_rows(dy, d_out), _launch_rows(base, d_out) if need_m else None, tail.m, tail.n, ctx.s, saved_is_out=False,
                 need_dbase=need_base, need_dlora=False, need_dm=need_m, need_dbias=need_bias,
                 lora_dtype=dy.dtype, acc_dtype=acc, reduce_dm=False)
         if need_B or need_m or need_ax:
@@ -120,7 +120,7 @@ class FusedDoraLoraB(torch.autograd.Function):
             if need_ax:
                 grads_ax = _as(torch.mm(dy2, B_scaled), ax.dtype).view(ax.shape)
         return (
-            d_base.view(dy.shape) if need_base else None,
+            _shaped(d_base, dy.shape) if need_base else None,
             grads_ax,
             grads_B,
             _as(d_m, ctx.m_meta[1]).view(ctx.m_meta[0]) if need_m else None,
@@ -230,11 +230,22 @@ def _tail_backward(pdm, P, B, tail: "TailVectors", bs_dtype, need_B: bool, need_
     return d_m, dB, Bs
 
 
+def _lora_out(ax: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``ax·Bᵀ`` in ``ax``'s dtype. Under autocast to that dtype, ``F.linear`` casts ``B`` itself
+    (one op instead of cast + transpose + matmul, and autocast's cast cache applies); otherwise
+    ``B`` is cast explicitly."""
+    if B.dtype != ax.dtype:
+        device_type = ax.device.type
+        if not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == ax.dtype):
+            B = B.to(ax.dtype)
+    return torch.nn.functional.linear(ax, B)
+
+
 def _forward(base, ax, B, tail, s, bias):
     d_out = base.shape[-1]
-    lora = torch.matmul(ax, _as(B, ax.dtype).t())
-    out, _ = _launch_compose_fwd(_rows(base, d_out), _rows(lora, d_out), tail.m, tail.n, s, bias, False)
-    return out.view(base.shape)
+    lora = _lora_out(ax, B)
+    out, _ = _launch_compose_fwd(_launch_rows(base, d_out), _launch_rows(lora, d_out), tail.m, tail.n, s, bias, False)
+    return _shaped(out, base.shape)
 
 
 def compose_lora_b(base: torch.Tensor, ax: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,

@@ -132,11 +132,14 @@ def lora_b_tail_backward_reference(
     ``B.dtype`` and ``sg ⊙_rows B`` in ``bs_dtype`` (what ∂(A·x) multiplies ``dy`` by); the last two
     only when asked for (else None).
     """
+    def as_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # no op where the dtype already fits
+        return t if t.dtype == dtype else t.to(dtype)
+
     acc = P.dtype
-    sg_col = sg.reshape(-1, 1).to(acc)
-    B_acc = B.to(acc)
+    sg_col = as_(sg.reshape(-1, 1), acc)
+    B_acc = as_(B, acc)
     d_m = None
     if pdm is not None:
-        d_m = torch.addcmul(pdm.to(acc).sum(0) / n.to(acc), torch.linalg.vecdot(P, B_acc), s_over_n.to(acc))
-    dB = (P * sg_col).to(B.dtype) if need_dB else None
-    return d_m, dB, (B_acc * sg_col).to(bs_dtype) if need_Bs else None
+        d_m = torch.addcmul(as_(pdm, acc).sum(0).div_(as_(n, acc)), torch.linalg.vecdot(P, B_acc), as_(s_over_n, acc))
+    dB = as_(P * sg_col, B.dtype) if need_dB else None
+    return d_m, dB, as_(B_acc * sg_col, bs_dtype) if need_Bs else None
