@@ -66,6 +66,39 @@ def build(dora: bool, args, device: torch.device) -> nn.Module:
     return model.train()
 
 
+def count_ops(step, providers, depth: int, steps: int = 5) -> dict:
+    """Top-level aten ops (not those inside another aten op) per adapted linear per micro-batch,
+    from torch.profiler: deterministic, so a host-cost regression shows on any machine."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    for name in providers:
+        for _ in range(2):
+            step(name)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(name)
+        ops = Counter(e.name for e in prof.events() if e.name.startswith("aten::")
+                      and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        result[name] = {"total": sum(ops.values()) / (steps * depth),
+                        "by_op": {k: v / (steps * depth) for k, v in ops.most_common()}}
+    return result
+
+
+def stub_kernels() -> None:
+    """Replace every fused kernel launch by a no-op (outputs still allocated): host work only."""
+    from dorafactors import dora_fused, dora_fused_linear
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    dora_fused._launch_tuned = lambda *a, **k: None
+    dora_fused_linear._tail_kernel = lambda: _NoLaunch()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -79,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--stub-launches", action=argparse.BooleanOptionalAction, default=None,
                    help="replace Triton launches by no-ops (default: on without CUDA)")
     p.add_argument("--label", default="", help="a name for this source tree in the JSON")
+    p.add_argument("--count-ops", action="store_true", help="also count top-level aten ops per linear")
     p.add_argument("--fast-paths", action="store_true",
                    help="turn on the GPU-gated host-path changes (direct launches, compiled tail kernel) "
                         "for this run; compare with a run without it")
@@ -92,7 +126,7 @@ def main(argv=None) -> int:
     from dorafactors.dora_env import config_override
 
     if stub:
-        dora_fused._launch_tuned = lambda *a, **k: None
+        stub_kernels()
     if args.fast_paths:
         from dorafactors import dora_fused_launch, dora_fused_linear
 
@@ -137,6 +171,8 @@ def main(argv=None) -> int:
         "ours_fused_minus_lora_us": best["ours_fused"] - best["lora"],
         "ours_fused_over_lora": best["ours_fused"] / best["lora"],
     }
+    if args.count_ops:
+        report["aten_ops_per_linear"] = count_ops(step, providers, args.depth)
     if args.cprofile:
         prof = cProfile.Profile()
         prof.enable()
@@ -150,6 +186,8 @@ def main(argv=None) -> int:
     print(f"{'provider':<12} {'us/linear':>10}")
     for name, us in best.items():
         print(f"{name:<12} {us:>10.1f}")
+    if args.count_ops:
+        print("aten ops per linear: " + ", ".join(f"{k} {v['total']:.1f}" for k, v in report["aten_ops_per_linear"].items()))
     print(f"ours_fused - lora: {report['ours_fused_minus_lora_us']:.1f} us "
           f"({report['ours_fused_over_lora']:.2f}x)")
     if args.out is not None:
