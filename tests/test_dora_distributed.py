@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dora_dist_worker import ENV_NAMES, DEADLINE_S, ours_dist, run_workers, single_process
-from dora_testing import assert_close, ours, ours_env
+from dora_testing import TARGET, assert_close, ours, ours_env
 
 FSDP_SCENARIOS = {
     # name: (impl, wrapping, environment)
@@ -206,11 +206,63 @@ def test_partial_row_terms_match_dense():
 _CHECK = Path(__file__).resolve().parents[1] / "code" / "scripts" / "multigpu_check.py"
 
 
+def _load_check():
+    import importlib.util
+
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("multigpu_check", _CHECK)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved  # the script puts src/ first
+    return module
+
+
+@pytest.mark.skipif(not _CHECK.is_file(), reason="code/scripts/multigpu_check.py is not in this tree")
+@pytest.mark.skipif(TARGET == "patched", reason="the check builds the plugin's model from src/")
+def test_multigpu_check_split_reference():
+    """The check's like-for-like reference (``single-split``): the fp32 mean of per-sequence
+    gradients is the whole batch's gradient; only the parameters take the compute dtype (RoPE's
+    ``inv_freq`` stays fp32, unlike ``.to(bf16)``); AdamW steps fp32 masters, copied back."""
+    import argparse
+
+    mg = _load_check()
+    args = argparse.Namespace(model="tiny", seq=16, rank=4, lr=1e-2)
+    model = mg.build("ours", args, torch.float32)
+    ids = mg.batch(args, model.config.vocab_size)
+    model(input_ids=ids, labels=ids).loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    master = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _, split = mg.split_step(model, [ids[:1], ids[1:]], master)
+    assert split.keys() == whole.keys()
+    for n, g in whole.items():
+        assert_close(split[n], g, atol=1e-6, rtol=1e-4, name=n)
+
+    cast = mg.build("ours", args, torch.bfloat16)
+    assert cast.base_model.model.model.rotary_emb.inv_freq.dtype == torch.bfloat16  # what single-* trains
+    model = mg.build("ours", args, torch.bfloat16, buffers=False)
+    assert model.base_model.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    master = {n: p.detach().float().clone() for n, p in params.items()}
+    before = {n: m.clone() for n, m in master.items()}
+    opt = torch.optim.AdamW(list(master.values()), lr=args.lr)
+    loss, grads = mg.split_step(model, [ids[:1], ids[1:]], master, opt)
+    assert torch.isfinite(loss) and all(g.dtype == torch.float32 for g in grads.values())
+    assert all(p.grad is None for p in params.values())
+    for n, m in master.items():
+        assert not torch.equal(m, before[n]), n  # stepped in fp32
+        assert torch.equal(params[n], m.to(torch.bfloat16)), n
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.skipif(not _CHECK.is_file(), reason="code/scripts/multigpu_check.py is not in this tree")
 def test_two_gpus_bf16_agree_with_one(tmp_path):
-    phases = ["single-ours", "single-upstream", "fsdp2-layer-ours", "fsdp2-layer-upstream", "fsdp2-linear-ours-partial"]
+    phases = ["single-ours", "single-upstream", "single-split-ours", "single-split-upstream", "fsdp2-layer-ours",
+              "fsdp2-layer-upstream", "fsdp2-linear-ours-partial"]
     if _deepspeed_available():
         phases += ["zero3-ours", "zero3-upstream"]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -228,5 +280,10 @@ def test_two_gpus_bf16_agree_with_one(tmp_path):
         assert abs(ph["loss0_minus_single"]) < 2e-2, (name, ph["loss0_minus_single"])
         for kind, agree in ph["vs_single"].items():
             assert agree["cosine"] > 0.99, (name, kind, agree)
+        # against the like-for-like reference (fp32 buffers, mean of per-sequence gradients): bf16 noise only
+        assert abs(ph["loss0_minus_single_split"]) < 5e-3, (name, ph["loss0_minus_single_split"])
+        assert set(ph["vs_single_split"]) == {"lora_A", "lora_B", "lora_magnitude_vector"}, name
+        for kind, agree in ph["vs_single_split"].items():
+            assert agree["cosine"] > 0.999, (name, kind, agree)
     assert report["fsdp2-layer-ours"]["fused_compose_calls"] > 0  # plain tensors inside a unit: fused path
     assert report["fsdp2-linear-ours-partial"]["norm_stats"].get("gather_partial", 0) > 0

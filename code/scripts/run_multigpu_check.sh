@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # DoRA under FSDP2 and DeepSpeed ZeRO-3 on 2 GPUs (code/scripts/multigpu_check.py): loss and
-# gradient agreement with one GPU, per-GPU peak memory against upstream PEFT's DoRA, the effect of
+# gradient agreement with one GPU (the whole-model bf16 run, and the like-for-like single-split-*
+# reference), per-GPU peak memory against upstream PEFT's DoRA, the effect of
 # PEFT_FORCE_GATHER / PEFT_DORA_ALLOW_PARTIAL_GATHER. JSON and a Markdown table land in $OUT.
+# --dtype fp32 runs every phase in fp32.
 #
 #   OUT=/some/dir code/scripts/run_multigpu_check.sh [extra multigpu_check.py arguments]
 #
