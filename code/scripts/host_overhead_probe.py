@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         "what": "host us per adapted linear per micro-batch (2 forwards + 1 backward, checkpointed)",
         "label": args.label,
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "stub_launches": stub, "fast_paths": args.fast_paths, "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__, "stub_launches": stub, "fast_paths": args.fast_paths,
+        "args": {k: str(v) for k, v in vars(args).items()},
         "us_per_linear": best,
         "ours_fused_minus_lora_us": best["ours_fused"] - best["lora"],
         "ours_fused_over_lora": best["ours_fused"] / best["lora"],
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     for name, us in best.items():
         print(f"{name:<12} {us:>10.1f}")
     if args.count_ops:
-        print("aten ops per linear: " + ", ".join(f"{k} {v['total']:.1f}" for k, v in report["aten_ops_per_linear"].items()))
+        per_linear = report["aten_ops_per_linear"]
+        print("aten ops per linear: " + ", ".join(f"{k} {v['total']:.1f}" for k, v in per_linear.items()))
     print(f"ours_fused - lora: {report['ours_fused_minus_lora_us']:.1f} us "
           f"({report['ours_fused_over_lora']:.2f}x)")
     if args.out is not None:

@@ -105,14 +105,15 @@ class FusedDoraLoraB(torch.autograd.Function):
         need_base, need_ax, need_B, need_m = ctx.needs_input_grad[:4]
         need_bias = ctx.bias_meta is not None and ctx.needs_input_grad[6]
         d_out, r = B.shape
-        dy2 = _rows(dy, d_out)
+        dy_rows = _launch_rows(dy, d_out)  # contiguous (a copy only if dy was not)
+        dy2 = dy_rows if dy_rows.dim() == 2 else dy_rows.view(-1, d_out)  # for the GEMMs
         acc = tail.dtype
         d_base = pdm = d_m = d_bias = grads_ax = grads_B = None
         if need_base or need_m or need_bias:
             # one pass over dy (and base): ∂base = g ⊙ dy, per-chunk Σ_t dy·base, Σ_t dy
             d_base, _, pdm, d_bias = _launch_compose_bwd(
-                _launch_rows(dy, d_out), _launch_rows(base, d_out) if need_m else None, tail.m, tail.n, ctx.s, saved_is_out=False,
-                need_dbase=need_base, need_dlora=False, need_dm=need_m, need_dbias=need_bias,
+                dy_rows, _launch_rows(base, d_out) if need_m else None, tail.m, tail.n, ctx.s,
+                saved_is_out=False, need_dbase=need_base, need_dlora=False, need_dm=need_m, need_dbias=need_bias,
                 lora_dtype=dy.dtype, acc_dtype=acc, reduce_dm=False)
         if need_B or need_m or need_ax:
             P = _mm_acc(dy2.t(), _as(_rows(ax, r), dy2.dtype), acc) if (need_B or need_m) else None
