@@ -361,7 +361,8 @@ def _t_bucket(T: int) -> int:
 def _launch_compose_fwd(
     base2d, lora2d, m, n, s, bias, write_v, *, out=None, v=None, block_t=None, block_d=None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """out [T, d_out] (base dtype) and, if ``write_v``, v = base + s·lora [T, d_out]."""
+    """out (base dtype) and, if ``write_v``, v = base + s·lora, both shaped like ``base2d``: rows of
+    ``d_out`` (any rank, see :func:`_launch_rows`; ``lora2d`` may have another rank)."""
     _check_runnable(base2d)
     d_out, T = base2d.shape[-1], _n_rows(base2d)
     if out is None:
@@ -402,7 +403,7 @@ def _launch_compose_bwd(
     dy2d, saved2d, m, n, s, *, saved_is_out, need_dbase, need_dlora, need_dm, need_dbias,
     lora_dtype, acc_dtype, d_base=None, d_lora=None, block_t=None, block_d=None, t_chunk=None, reduce_dm=True,
 ):
-    """(d_base [T, d_out] in dy dtype, d_lora [T, d_out] in lora dtype, d_m [d_out], d_bias [d_out])
+    """(d_base in dy dtype, d_lora in lora dtype, both shaped like ``dy2d``; d_m [d_out], d_bias [d_out])
     with d_m, d_bias in ``acc_dtype``; entries not asked for are None. ``reduce_dm=False`` returns
     d_m's per-chunk partial sums ``Σ_t dy·saved`` [chunks, d_out] instead (the caller finishes it)."""
     _check_runnable(dy2d)

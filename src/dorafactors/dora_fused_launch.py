@@ -91,6 +91,7 @@ def prune_norm(configs, named_args, **kwargs):
 # interpreter) has no compiled binaries to exercise it.
 _DIRECT_LAUNCH = False
 _direct_cache: Dict[tuple, tuple] = {}
+_DIRECT_CACHE_MAX = 4096  # exact integers in the key: varying token counts add entries; start over past this
 
 
 def direct_launch_allowed() -> bool:
@@ -127,6 +128,8 @@ def launch_direct(jit_fn, full_key: tuple, grid: tuple, args: tuple, consts: dic
             return
         params = {**consts, **chosen}
         tail = tuple(params[p] for p in jit_fn.arg_names[len(args):])  # the constexprs, in signature order
+        if len(_direct_cache) >= _DIRECT_CACHE_MAX:
+            _direct_cache.clear()
         _direct_cache[dkey] = (compiled, tail)
         return
     compiled, tail = hit
