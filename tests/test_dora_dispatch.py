@@ -40,9 +40,9 @@ def spy(monkeypatch):
     plain lora_B) or "compose" (the compose alone; True when v is recovered from the output)."""
     package = ours().__name__.rsplit(".", 1)[0]
     fused = __import__(package + ".dora_fused", fromlist=["compose_trusted"])
-    fused_linear = __import__(package + ".dora_fused_linear", fromlist=["compose_lora_b"])
+    fused_linear = __import__(package + ".dora_fused_linear", fromlist=["compose_lora_b_trusted"])
     calls = []
-    real_compose, real_lora_b = fused.compose_trusted, fused_linear.compose_lora_b
+    real_compose, real_lora_b = fused.compose_trusted, fused_linear.compose_lora_b_trusted
 
     def counting_compose(*args, **kwargs):
         calls.append(("compose", kwargs.get("save_out_for_mag_grad", False)))
@@ -53,7 +53,7 @@ def spy(monkeypatch):
         return real_lora_b(*args, **kwargs)
 
     monkeypatch.setattr(fused, "compose_trusted", counting_compose)
-    monkeypatch.setattr(fused_linear, "compose_lora_b", counting_lora_b)
+    monkeypatch.setattr(fused_linear, "compose_lora_b_trusted", counting_lora_b)
     return calls
 
 

@@ -4,6 +4,8 @@ Runs the Triton kernels through the interpreter on the CPU (compiled on a GPU ma
 autograd twin is the DoRA formula written out with differentiable torch ops in fp64.
 """
 
+import re
+
 import pytest
 
 pytest.importorskip("triton")  # conftest.py has set TRITON_INTERPRET=1 where there is no CUDA
@@ -220,3 +222,24 @@ def test_autocast_casts_B_as_the_explicit_path_does():
         results.append((out.detach(), B32.grad, ax.grad, m.grad))
     for name, a, b in zip(("out", "dB", "dax", "dm"), *results):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs under autocast"
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (dict(B=torch.zeros(5, 4)), ValueError, "`base` has shape"),
+    (dict(ax=torch.zeros(6, 3)), ValueError, "`ax` has shape"),
+    (dict(ax=torch.zeros(7, 4)), ValueError, "`ax` has shape"),
+    (dict(m=torch.ones(5)), ValueError, "`m` has shape"),
+    (dict(bias=torch.ones(3)), ValueError, "`bias` has shape"),
+    (dict(B=torch.zeros(16, 4, dtype=torch.int32)), TypeError, "`B` has dtype torch.int32"),
+    (dict(n=[1.0] * 16), TypeError, "`n` must be a torch.Tensor"),
+    (dict(s="0.5"), TypeError, "`s` must be a Python float"),
+    (dict(B=torch.zeros(16)), ValueError, "`B` must be [d_out, r]"),
+    (dict(tail=(1, 2)), ValueError, "`tail` must be tail_vectors"),
+], ids=["B-rows", "ax-rank", "ax-tokens", "m", "bias", "B-dtype", "n-list", "s-str", "B-1d", "tail"])
+def test_compose_lora_b_rejects_bad_inputs(change, error, words):
+    """The public entry names the argument and what it expected (never a crash inside a kernel)."""
+    kwargs = dict(base=torch.zeros(6, 16), ax=torch.zeros(6, 4), B=torch.zeros(16, 4), m=torch.ones(16),
+                  n=torch.ones(16), s=0.5, bias=None, tail=None)
+    kwargs.update(change)
+    with pytest.raises(error, match=re.escape(words)):
+        compose_lora_b(**kwargs)

@@ -112,7 +112,7 @@ def probe_host():
     mg = m.clone().requires_grad_(True)
     bg = base.clone().requires_grad_(True)
     out["apply_fwd_grad_us"] = host_us(lambda: F.FusedDoraCompose.apply(bg, lora, mg, n, 0.5, None, False), 500)
-    from dorafactors.dora_fused_linear import compose_lora_b
+    from dorafactors.dora_fused_linear import compose_lora_b_trusted as compose_lora_b
 
     ax = torch.randn(T, 16, device=dev, dtype=torch.bfloat16)
     Bw = torch.randn(d, 16, device=dev, dtype=torch.bfloat16)

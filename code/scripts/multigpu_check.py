@@ -350,14 +350,14 @@ def run_zero3(impl, args, rank, world):
 
 class _FusedCounter:
     """Counts calls of the fused composes (``dora_fused.compose_trusted`` and, where it exists,
-    ``dora_fused_linear.compose_lora_b``; the layer looks both up at call time)."""
+    ``dora_fused_linear.compose_lora_b_trusted``; the layer looks both up at call time)."""
 
     def __init__(self):
         import importlib
 
         self.calls, self.saved = 0, []
         for module_name, attr in (("dorafactors.dora_fused", "compose_trusted"),
-                                  ("dorafactors.dora_fused_linear", "compose_lora_b")):
+                                  ("dorafactors.dora_fused_linear", "compose_lora_b_trusted")):
             try:
                 module = importlib.import_module(module_name)
             except ImportError:

@@ -668,7 +668,7 @@ class DoraLinearLayer(nn.Module):
         if B is not None:
             # lora_B's GEMM inside the fused Function: ∂m then needs only the saved base (see
             # dora_fused_linear), not v = base + s·lora in fp32
-            from .dora_fused_linear import compose_lora_b
+            from .dora_fused_linear import compose_lora_b_trusted as compose_lora_b
 
             if get_config().norm_cache:
                 tail = self._tail_cache.get(self.weight, norm, self._norm_cache.generation, result, scaling)

@@ -251,9 +251,47 @@ def _forward(base, ax, B, tail, s, bias):
 
 def compose_lora_b(base: torch.Tensor, ax: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
                    s: float, bias: Optional[torch.Tensor] = None, tail: Optional[TailVectors] = None) -> torch.Tensor:
-    """``g ⊙ (base + s·ax·Bᵀ) + bias`` through :class:`FusedDoraLoraB` (``n`` a constant);
-    ``tail`` passes precomputed :func:`tail_vectors` (computed here when None). Without autograd
-    (no grad mode, or nothing requires grad) the Function is skipped: same kernels, less host time."""
+    """``g ⊙ (base + s·ax·Bᵀ) + bias``, ``g = m / n``, through :class:`FusedDoraLoraB`.
+
+    Args:
+        base: the base output without bias [..., d_out].
+        ax: ``A·x`` [..., r] (the same leading shape as ``base``).
+        B: ``lora_B``'s weight [d_out, r] (multiplied in ``ax``'s dtype).
+        m, n: magnitude and row norm [d_out]; ``n`` is a constant (no gradient).
+        s: the scaling, a Python number.
+        bias: optional [d_out].
+        tail: precomputed :func:`tail_vectors` of ``m``, ``n``, ``s`` (computed here when None).
+
+    Raises:
+        TypeError, ValueError: naming the argument, its shape, dtype or device, and what is expected.
+    """
+    fn = "compose_lora_b"
+    for name, t in (("base", base), ("ax", ax), ("B", B), ("m", m), ("n", n)):
+        _fused._check_tensor(fn, name, t)
+    if bias is not None:
+        _fused._check_tensor(fn, "bias", bias)
+    _fused._check_number(fn, "s", s)
+    if B.dim() != 2:
+        raise ValueError(f"{fn}: `B` must be [d_out, r], got shape {tuple(B.shape)}")
+    d_out, r = B.shape
+    if base.dim() < 1 or base.shape[-1] != d_out:
+        raise ValueError(f"{fn}: `base` has shape {tuple(base.shape)}; expected [..., d_out={d_out}] (B's rows)")
+    if ax.shape[:-1] != base.shape[:-1] or ax.shape[-1:] != (r,):
+        raise ValueError(f"{fn}: `ax` has shape {tuple(ax.shape)}; expected {tuple(base.shape[:-1]) + (r,)} "
+                         f"(base's leading dims, r={r})")
+    for name, t in (("m", m), ("n", n), ("bias", bias)):
+        if t is not None:
+            _fused._check_numel(fn, name, t, d_out)
+    _fused._check_devices(fn, [("base", base), ("ax", ax), ("B", B), ("m", m), ("n", n), ("bias", bias)])
+    if tail is not None and (not isinstance(tail, TailVectors) or tail.n.numel() != d_out):
+        raise ValueError(f"{fn}: `tail` must be tail_vectors(m, n, s) for d_out={d_out}, got {type(tail).__name__}")
+    return compose_lora_b_trusted(base, ax, B, m, n, s, bias, tail)
+
+
+def compose_lora_b_trusted(base, ax, B, m, n, s, bias=None, tail=None) -> torch.Tensor:
+    """:func:`compose_lora_b` without input validation (the DoRA layer, on every forward). Without
+    autograd (no grad mode, or nothing requires grad) the Function is skipped: same kernels, less
+    host time."""
     tail = tail if tail is not None else tail_vectors(m, n, s)
     s = float(s)
     if torch.is_grad_enabled() and (
