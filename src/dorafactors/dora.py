@@ -429,6 +429,18 @@ def _fused_module():
     return _fused_import[0]
 
 
+_fused_linear_import: list = []
+
+
+def _fused_linear_module():
+    """``dora_fused_linear``, imported once (a function-level import costs a lookup per forward)."""
+    if not _fused_linear_import:
+        from . import dora_fused_linear
+
+        _fused_linear_import.append(dora_fused_linear)
+    return _fused_linear_import[0]
+
+
 def fused_unavailable_reason(result: torch.Tensor) -> Optional[str]:
     """Why the fused compose cannot run on ``result``'s device and dtype, or ``None`` if it can."""
     fused = _fused_module()
@@ -587,9 +599,12 @@ class DoraLinearLayer(nn.Module):
     def _weight_and_norm(self, base_layer, lora_A, lora_B, scaling) -> tuple[torch.Tensor, torch.Tensor]:
         """The base weight (a quantized one as a :class:`QuantRows` row source, never dequantized
         whole) and the row norm ``n`` of this forward."""
-        weight = quant_rows(base_layer)
-        if weight is None:
-            weight = dequantize_module_weight(base_layer)
+        if type(base_layer) is nn.Linear and type(base_layer.weight) is nn.Parameter:
+            weight = base_layer.weight  # the common case, per forward: nothing to dequantize
+        else:
+            weight = quant_rows(base_layer)
+            if weight is None:
+                weight = dequantize_module_weight(base_layer)
         return weight, self.row_norm(weight, *self._factors(lora_A, lora_B), scaling)
 
     def _base_without_bias(self, x, base_layer, weight, base_result) -> torch.Tensor:
@@ -652,35 +667,34 @@ class DoraLinearLayer(nn.Module):
         output and writes ``g ⊙ (result − bias + s·lora) + bias``; otherwise ``result + delta``.
         ``x`` is already dropped out when ``dropout_active``.
         """
+        magnitude = self.weight  # read once: an nn.Module attribute lookup per access
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or result.requires_grad or self.weight.requires_grad or _trains(lora_A) or _trains(lora_B)
+            x.requires_grad or result.requires_grad or magnitude.requires_grad or _trains(lora_A) or _trains(lora_B)
         )
         if not (self._fused_compose_supported and use_fused_compose(result, needs_grad)):
             base_result = None if dropout_active else result
             delta = self.forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
                                  base_result=base_result, adapter_name=adapter_name)
             return result + delta.to(result.dtype)
-        from .dora_fused import compose_trusted as dora_compose
-
         weight, norm = self._weight_and_norm(base_layer, lora_A, lora_B, scaling)
         ax = lora_A(x)
         B = _plain_lora_b_weight(lora_B, ax)
         if B is not None:
             # lora_B's GEMM inside the fused Function: ∂m then needs only the saved base (see
             # dora_fused_linear), not v = base + s·lora in fp32
-            from .dora_fused_linear import compose_lora_b_trusted as compose_lora_b
-
+            compose_lora_b = _fused_linear_module().compose_lora_b_trusted
             if get_config().norm_cache:
-                tail = self._tail_cache.get(self.weight, norm, self._norm_cache.generation, result, scaling)
+                tail = self._tail_cache.get(magnitude, norm, self._norm_cache.generation, result, scaling)
             else:
                 with torch.no_grad():
-                    tail = _tail_vectors(self.weight, norm, result, scaling)
+                    tail = _tail_vectors(magnitude, norm, result, scaling)
             if dropout_active:
                 base_d = self._base_without_bias(x, base_layer, weight, None).to(result.dtype)
-                return result + (compose_lora_b(base_d, ax, B, self.weight, norm, scaling, None, tail) - base_d)
+                return result + (compose_lora_b(base_d, ax, B, magnitude, norm, scaling, None, tail) - base_d)
             bias = getattr(base_layer, "bias", None)
             base = result if bias is None else result - bias
-            return compose_lora_b(base, ax, B, self.weight, norm, scaling, bias, tail)
+            return compose_lora_b(base, ax, B, magnitude, norm, scaling, bias, tail)
+        dora_compose = _fused_module().compose_trusted
         lora_out = lora_B(ax)
         if dropout_active:
             # the base term is W·dropout(x): out = result + g ⊙ (base_d + s·lora) − base_d

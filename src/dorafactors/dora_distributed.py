@@ -88,7 +88,10 @@ def _is_dtensor(t: Any) -> bool:
 
 def is_managed(*tensors: Any) -> bool:
     """Whether any tensor is a ZeRO-3 parameter or an FSDP2 ``DTensor`` (cheap; called per forward)."""
-    return any(_is_zero3(t) or _is_dtensor(t) for t in tensors)
+    for t in tensors:  # a plain loop: no generator per call
+        if hasattr(t, "ds_id") or (_DTensor is not None and isinstance(t, _DTensor)):
+            return True
+    return False
 
 
 def _materialized(t: Any) -> bool:

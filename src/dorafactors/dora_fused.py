@@ -304,7 +304,7 @@ def _launch_tuned(name: str, grid, args: tuple, consts: dict, key: tuple) -> Non
 def _check_runnable(t: torch.Tensor) -> None:
     if not _triton_importable():
         raise RuntimeError("dorafactors fused kernels need Triton (pip install triton); it is not importable")
-    if t.device.type != "cuda" and not _interpreting():
+    if not t.is_cuda and not _interpreting():
         raise ValueError(
             f"fused DoRA kernels need CUDA tensors, got device {t.device}; "
             "set TRITON_INTERPRET=1 to run them on CPU through Triton's interpreter"
