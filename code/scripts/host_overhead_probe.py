@@ -87,8 +87,10 @@ def count_ops(step, providers, depth: int, steps: int = 5) -> dict:
     return result
 
 
-def stub_kernels() -> None:
-    """Replace every fused kernel launch by a no-op (outputs still allocated): host work only."""
+def stub_kernels(tail: str = "kernel") -> None:
+    """Replace every fused kernel launch by a no-op (outputs still allocated): host work only.
+    ``tail="twin"`` runs the fused linear's [d_out, r] backward as its PyTorch twin instead (what
+    CUDA runs while its kernel is gated off) rather than as a stubbed kernel launch."""
     from dorafactors import dora_fused, dora_fused_linear
 
     class _NoLaunch:
@@ -97,6 +99,12 @@ def stub_kernels() -> None:
 
     dora_fused._launch_tuned = lambda *a, **k: None
     dora_fused_linear._tail_kernel = lambda: _NoLaunch()
+    reference = getattr(dora_fused_linear, "lora_b_tail_backward_reference", None)
+    if tail == "twin" and reference is not None:
+        def twin(pdm, P, B, t, bs_dtype, need_B, need_Bs):
+            return reference(pdm, P, B, t.sg, t.s_over_n, t.n, bs_dtype, need_dB=need_B, need_Bs=need_Bs)
+
+        dora_fused_linear._tail_backward = twin
 
 
 def main(argv=None) -> int:
@@ -113,6 +121,8 @@ def main(argv=None) -> int:
                    help="replace Triton launches by no-ops (default: on without CUDA)")
     p.add_argument("--label", default="", help="a name for this source tree in the JSON")
     p.add_argument("--count-ops", action="store_true", help="also count top-level aten ops per linear")
+    p.add_argument("--tail", choices=("kernel", "twin"), default="kernel",
+                   help="with --stub-launches: the [d_out, r] backward as a stubbed kernel or as its twin")
     p.add_argument("--fast-paths", action="store_true",
                    help="turn on the GPU-gated host-path changes (direct launches, compiled tail kernel) "
                         "for this run; compare with a run without it")
@@ -126,7 +136,7 @@ def main(argv=None) -> int:
     from dorafactors.dora_env import config_override
 
     if stub:
-        stub_kernels()
+        stub_kernels(args.tail)
     if args.fast_paths:
         from dorafactors import dora_fused_launch, dora_fused_linear
 
