@@ -243,3 +243,32 @@ def test_compose_lora_b_rejects_bad_inputs(change, error, words):
     kwargs.update(change)
     with pytest.raises(error, match=re.escape(words)):
         compose_lora_b(**kwargs)
+
+
+def test_single_token_rows_with_a_transposed_dy():
+    """[B, 1, d] tensors count as contiguous whatever the size-1 dimension's stride: the kernels must
+    still step d_out per row (a transposed dy has stride(-2) = 1 there)."""
+    inputs = make((4, 1), 10, 3, torch.float32, True, seed=21)
+    w = torch.randn(4, 10, 1, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    for fn in (compose_lora_b, twin):
+        leaves = {k: v.detach().clone().requires_grad_(k != "n") for k, v in inputs.items()}
+        out = fn(leaves["base"], leaves["ax"], leaves["B"], leaves["m"], leaves["n"], 0.5, leaves["bias"])
+        (out.transpose(1, 2) * w.transpose(1, 2)).sum().backward()
+        if fn is compose_lora_b:
+            got = (out.detach(), {k: leaves[k].grad for k in ("base", "ax", "B", "m", "bias")})
+    ref = (out.detach(), {k: leaves[k].grad for k in ("base", "ax", "B", "m", "bias")})
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for k in ref[1]:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-5, msg=f"d_{k}")
+
+
+def test_tail_twin_without_P_when_only_ax_needs_a_gradient(monkeypatch):
+    """Frozen B and m, trainable A (or x): CUDA's twin path gets no P and must not touch it."""
+    monkeypatch.setattr(FL, "_TAIL_KERNEL_ON_CUDA", False)
+    monkeypatch.setattr(FL._fused, "_interpreting", lambda: False)
+    n = torch.rand(7) + 0.5
+    tail = tail_vectors(n * 1.2, n, 0.5)
+    B = torch.randn(7, 3)
+    d_m, dB, Bs = FL._tail_backward(None, None, B, tail, torch.float32, False, True)
+    assert d_m is None and dB is None
+    torch.testing.assert_close(Bs, B * tail.sg)

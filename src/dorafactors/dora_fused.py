@@ -345,8 +345,9 @@ def _n_rows(x: torch.Tensor) -> int:
 
 
 def _row_stride(x: torch.Tensor) -> int:
-    """Distance between rows of a launch-rows tensor (its second-to-last stride)."""
-    return x.stride(-2) if x.dim() >= 2 else x.shape[-1]
+    """Distance between rows of a launch-rows tensor: a 2-D one's stride(0); an N-d one is contiguous,
+    so ``d_out`` (never stride(-2): a size-1 dimension's stride is arbitrary in a contiguous tensor)."""
+    return x.stride(0) if x.dim() == 2 else x.shape[-1]
 
 
 def _vec(x: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,8 @@ def _lora_out(ax: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     ``B`` is cast explicitly."""
     if B.dtype != ax.dtype:
         device_type = ax.device.type
-        if not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == ax.dtype):
+        if not (B.dtype in (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 alone
+                and torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == ax.dtype):
             B = B.to(ax.dtype)
     return torch.nn.functional.linear(ax, B)
 

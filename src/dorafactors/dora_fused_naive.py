@@ -135,7 +135,7 @@ def lora_b_tail_backward_reference(
     def as_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # no op where the dtype already fits
         return t if t.dtype == dtype else t.to(dtype)
 
-    acc = P.dtype
+    acc = P.dtype if P is not None else sg.dtype  # no P when neither ∂m nor ∂B is asked for
     sg_col = as_(sg.reshape(-1, 1), acc)
     B_acc = as_(B, acc)
     d_m = None
