@@ -52,10 +52,6 @@ def interpreter_configs() -> Dict[str, list]:
             "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})], "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})]}
 
 
-def next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _prune_by_caps(configs, caps):
     # Drop tiles far larger than the problem, one dimension at a time; never drop all.
     kept = list(configs)
