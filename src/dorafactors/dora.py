@@ -25,6 +25,7 @@ between our modules, absolute ``peft.`` imports for PEFT utilities.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any, Optional
 
 import torch
@@ -415,30 +416,22 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SMALL_BACKWARD_NUMEL = 1 << 16  # below this, launch overhead outweighs the fused backward's savings
 
 
-_fused_import: list = []  # [module or None] once the lazy import was tried
+_lazy_modules: dict = {}  # name -> module, or None where importing failed; tried once
+
+
+def _lazy_module(name: str):
+    """Sibling module ``name`` imported on first use (nothing needs Triton at import time), then
+    served from a dict: a function-level import would cost a lookup per forward. ``None`` if it fails."""
+    if name not in _lazy_modules:
+        try:
+            _lazy_modules[name] = importlib.import_module(f".{name}", __package__)
+        except Exception:  # pragma: no cover - a broken Triton install
+            _lazy_modules[name] = None
+    return _lazy_modules[name]
 
 
 def _fused_module():
-    """``dora_fused`` imported lazily (nothing needs Triton at import time); ``None`` if it fails."""
-    if not _fused_import:
-        try:
-            from . import dora_fused
-        except Exception:  # pragma: no cover - a broken Triton install
-            dora_fused = None
-        _fused_import.append(dora_fused)
-    return _fused_import[0]
-
-
-_fused_linear_import: list = []
-
-
-def _fused_linear_module():
-    """``dora_fused_linear``, imported once (a function-level import costs a lookup per forward)."""
-    if not _fused_linear_import:
-        from . import dora_fused_linear
-
-        _fused_linear_import.append(dora_fused_linear)
-    return _fused_linear_import[0]
+    return _lazy_module("dora_fused")
 
 
 def fused_unavailable_reason(result: torch.Tensor) -> Optional[str]:
@@ -682,7 +675,7 @@ class DoraLinearLayer(nn.Module):
         if B is not None:
             # lora_B's GEMM inside the fused Function: ∂m then needs only the saved base (see
             # dora_fused_linear), not v = base + s·lora in fp32
-            compose_lora_b = _fused_linear_module().compose_lora_b_trusted
+            compose_lora_b = _lazy_module("dora_fused_linear").compose_lora_b_trusted
             if get_config().norm_cache:
                 tail = self._tail_cache.get(magnitude, norm, self._norm_cache.generation, result, scaling)
             else:
