@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--count-ops", action="store_true", help="also count top-level aten ops per linear")
     p.add_argument("--tail", choices=("kernel", "twin"), default="kernel",
                    help="with --stub-launches: the [d_out, r] backward as a stubbed kernel or as its twin")
-    p.add_argument("--fast-paths", action="store_true",
-                   help="turn on the GPU-gated host-path changes (direct launches, compiled tail kernel) "
-                        "for this run; compare with a run without it")
+    p.add_argument("--fast-paths", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the GPU-gated host paths (direct launches, compiled tail kernel) on or off "
+                        "for this run (default: the library's setting)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,11 +137,11 @@ def main(argv=None) -> int:
 
     if stub:
         stub_kernels(args.tail)
-    if args.fast_paths:
-        from dorafactors import dora_fused_launch, dora_fused_linear
+    from dorafactors import dora_fused_launch, dora_fused_linear
 
-        dora_fused_launch._DIRECT_LAUNCH = True
-        dora_fused_linear._TAIL_KERNEL_ON_CUDA = True
+    if args.fast_paths is not None:
+        dora_fused_launch._DIRECT_LAUNCH = args.fast_paths
+        dora_fused_linear._TAIL_KERNEL_ON_CUDA = args.fast_paths
     x = torch.randn(2, args.tokens // 2, args.width, device=device, dtype=torch.bfloat16)
     providers = {"lora": (build(False, args, device), {}),
                  "ours_fused": (build(True, args, device), {"fused": True}),
@@ -176,7 +176,8 @@ def main(argv=None) -> int:
         "what": "host us per adapted linear per micro-batch (2 forwards + 1 backward, checkpointed)",
         "label": args.label,
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "stub_launches": stub, "fast_paths": args.fast_paths,
+        "torch": torch.__version__, "stub_launches": stub,
+        "fast_paths": dora_fused_launch._DIRECT_LAUNCH and dora_fused_linear._TAIL_KERNEL_ON_CUDA,
         "args": {k: str(v) for k, v in vars(args).items()},
         "us_per_linear": best,
         "ours_fused_minus_lora_us": best["ours_fused"] - best["lora"],

@@ -94,7 +94,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'); print
             tests/test_dora_dispatch.py -p no:cacheprovider) 2>&1 | tee "$OUT_DIR/host-tests.txt"
         tests_rc=${PIPESTATUS[0]}
         set -e
-        "$PY" "$ROOT/code/scripts/host_overhead_probe.py" --cprofile --out "$OUT_DIR/host_probe_default.json" "$@"
+        "$PY" "$ROOT/code/scripts/host_overhead_probe.py" --cprofile --no-fast-paths --out "$OUT_DIR/host_probe_slow.json" "$@"
         "$PY" "$ROOT/code/scripts/host_overhead_probe.py" --cprofile --fast-paths --out "$OUT_DIR/host_probe_fast.json" "$@"
         exit "$tests_rc"
         ;;

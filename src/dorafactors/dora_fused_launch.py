@@ -85,7 +85,7 @@ def prune_norm(configs, named_args, **kwargs):
 # Off until tests/test_dora_fused_gpu.py::test_direct_launch_matches_jit has passed on a GPU: the
 # launcher's calling convention is read from Triton 3.6 and 3.9's sources, and CPU CI (Triton's
 # interpreter) has no compiled binaries to exercise it.
-_DIRECT_LAUNCH = False
+_DIRECT_LAUNCH = True
 _direct_cache: Dict[tuple, tuple] = {}
 _DIRECT_CACHE_MAX = 4096  # exact integers in the key: varying token counts add entries; start over past this
 

@@ -134,7 +134,7 @@ class FusedDoraLoraB(torch.autograd.Function):
 _TAIL_BLOCKS = {False: dict(BLOCK_D=32, BLOCK_R=64, num_warps=4), True: dict(BLOCK_D=16, BLOCK_R=16)}
 # The kernel is checked against its twin under Triton's interpreter (CPU CI); compiled, on a GPU,
 # it runs once tests/test_dora_fused_linear.py has passed there (CUDA tensors take the twin until then).
-_TAIL_KERNEL_ON_CUDA = False
+_TAIL_KERNEL_ON_CUDA = True
 
 
 def _tail_kernel():
