@@ -250,13 +250,14 @@ def test_single_token_rows_with_a_transposed_dy():
     still step d_out per row (a transposed dy has stride(-2) = 1 there)."""
     inputs = make((4, 1), 10, 3, torch.float32, True, seed=21)
     w = torch.randn(4, 10, 1, generator=torch.Generator().manual_seed(22)).to(DEVICE)
-    for fn in (compose_lora_b, twin):
+
+    def output_and_grads(fn):
         leaves = {k: v.detach().clone().requires_grad_(k != "n") for k, v in inputs.items()}
         out = fn(leaves["base"], leaves["ax"], leaves["B"], leaves["m"], leaves["n"], 0.5, leaves["bias"])
         (out.transpose(1, 2) * w.transpose(1, 2)).sum().backward()
-        if fn is compose_lora_b:
-            got = (out.detach(), {k: leaves[k].grad for k in ("base", "ax", "B", "m", "bias")})
-    ref = (out.detach(), {k: leaves[k].grad for k in ("base", "ax", "B", "m", "bias")})
+        return out.detach(), {k: leaves[k].grad for k in ("base", "ax", "B", "m", "bias")}
+
+    got, ref = output_and_grads(compose_lora_b), output_and_grads(twin)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     for k in ref[1]:
         torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-5, msg=f"d_{k}")
