@@ -131,6 +131,19 @@ class FusedDoraLoraB(torch.autograd.Function):
         )
 
 
+# ``Function.apply`` is a Python wrapper (default-argument binding, functorch's dead-wrapper unwrap)
+# around the C entry: a few µs per forward on a host-bound step. Outside functorch transforms the
+# C entry is called directly; inside one the wrapper is required (it routes to custom_function_call).
+_apply_c = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedDoraLoraB)
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _apply(*args):
+    if _functorch_active():
+        return FusedDoraLoraB.apply(*args)
+    return _apply_c(*args)
+
+
 _TAIL_BLOCKS = {False: dict(BLOCK_D=32, BLOCK_R=64, num_warps=4), True: dict(BLOCK_D=16, BLOCK_R=16)}
 # The kernel is checked against its twin under Triton's interpreter (CPU CI) and compiled on an H100
 # (tests/test_dora_fused_linear.py passed there, code/results/gpu_tests/host-tests_h100_6a9dc01.txt).
@@ -301,5 +314,5 @@ def compose_lora_b_trusted(base, ax, B, m, n, s, bias=None, tail=None) -> torch.
         base.requires_grad or ax.requires_grad or B.requires_grad or m.requires_grad
         or (bias is not None and bias.requires_grad)
     ):
-        return FusedDoraLoraB.apply(base, ax, B, m, tail, s, bias)
+        return _apply(base, ax, B, m, tail, s, bias)
     return _forward(base, ax, B, tail, s, bias)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""A/B of the GPU-gated host paths on a model's gradient window (GPU): LoRA against our DoRA with
+each combination of direct Triton launches and the compiled ``[d_out, r]`` tail kernel.
+
+    python code/scripts/window_ab.py --model qwen3-vl-8b --ranks 16,384 --out $OUT/window_ab.json
+
+The window is the model suite's (``bench_dora_comprehensive.py --suite model``): bf16 base from the
+config with random weights, PEFT's fp32 adapters, autocast, non-reentrant gradient checkpointing,
+gradient accumulation, cross-entropy on the last ``--loss-tokens`` positions, adapter parameters
+changed in place between windows (outside the timed region). LoRA and DoRA wrap two copies of the
+base, so their windows interleave (repeat by repeat) and drift on the host hits both alike. Each
+variant's gradients of one micro-batch are first compared with the plain path's (both gates off):
+a variant that disagrees is reported and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "code"))
+sys.path.insert(0, str(ROOT / "src"))
+
+VARIANTS = {"plain": (False, False), "direct": (True, False), "tail": (False, True), "both": (True, True)}
+
+
+def set_gates(direct: bool, tail: bool) -> None:
+    from dorafactors import dora_fused_launch, dora_fused_linear
+
+    dora_fused_launch._DIRECT_LAUNCH = direct
+    dora_fused_linear._TAIL_KERNEL_ON_CUDA = tail
+
+
+def build(spec, config, rank: int, dora: bool, device: torch.device):
+    from bench.common import set_adapters, trainable
+    from bench.models import build_model
+    from peft import LoraConfig, get_peft_model
+
+    import dorafactors
+
+    base = build_model(config, device=device, dtype=torch.bfloat16, seed=0)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    base.config.use_cache = False
+    with dorafactors.enabled(dora):
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(spec.targets),
+                                                use_dora=dora))
+    set_adapters(model, seed=0, rho=0.1, mag_noise=0.01)
+    model.train()
+    return model, trainable(model)
+
+
+def main() -> int:
+    from bench.common import perturb_, zero_grads
+    from bench.models import MODELS, build_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen3-vl-8b", choices=sorted(MODELS))
+    p.add_argument("--layers", type=int, default=None, help="first N decoder layers (default: all)")
+    p.add_argument("--ranks", default="16,384")
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--loss-tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny dimensions (a check of this script; CPU without CUDA)")
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            sync()
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    spec = MODELS[args.model]
+    config, depth, reason = build_config(spec, layers=args.layers, smoke=args.smoke)
+    if config is None:
+        raise SystemExit(reason)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    batches = [(torch.randint(0, config.vocab_size, (1, args.seqlen), device=dev, generator=gen),
+                torch.randint(0, config.vocab_size, (1, args.loss_tokens), device=dev, generator=gen))
+               for _ in range(args.grad_accum)]
+
+    def micro(model, ids, labels):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits[:, -args.loss_tokens:]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        (loss / args.grad_accum).backward()
+
+    def window(model):
+        for ids, labels in batches:
+            micro(model, ids, labels)
+
+    report = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+              "args": vars(args) | {"out": str(args.out)},
+              "variants": {k: {"direct_launch": d, "tail_kernel": t} for k, (d, t) in VARIANTS.items()},
+              "what": "median gradient-window ms (interleaved repeats), params changed in place between windows",
+              "ranks": {}}
+    import triton
+
+    report["triton"] = triton.__version__
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        lora, lora_params = build(spec, config, rank, dora=False, device=dev)
+        ours, ours_params = build(spec, config, rank, dora=True, device=dev)
+        entry = {"agreement": {}, "windows_ms": {"lora": []}}
+        # correctness first: one micro-batch's gradients under each variant against the plain path
+        ref = None
+        ok = []
+        for name in ["plain"] + [v for v in variants if v != "plain"]:
+            set_gates(*VARIANTS[name])
+            zero_grads(ours_params)
+            micro(ours, *batches[0])
+            sync()
+            grads = [q.grad.detach().clone() for q in ours_params]
+            if ref is None:
+                ref = grads
+                entry["agreement"][name] = 0.0
+                ok.append(name)
+                continue
+            worst = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref))
+            entry["agreement"][name] = worst
+            if worst <= 1e-2:
+                ok.append(name)
+            else:
+                print(f"r={rank} {name}: gradients differ from the plain path (max rel {worst:.3g}); not timed")
+        timed = [v for v in variants if v in ok]
+        for name in timed:
+            entry["windows_ms"][name] = []
+        zero_grads(ours_params)
+        zero_grads(lora_params)
+        # warm-up: one window each (autotuning, direct-launch caches)
+        window(lora)
+        for name in timed:
+            set_gates(*VARIANTS[name])
+            window(ours)
+        sync()
+        for rep in range(args.repeats):
+            for name, model, params in [("lora", lora, lora_params)] + [(v, ours, ours_params) for v in timed]:
+                if model is ours:
+                    set_gates(*VARIANTS[name])
+                perturb_(params)
+                zero_grads(params)
+                sync()
+                t0 = time.perf_counter()
+                window(model)
+                sync()
+                ms = (time.perf_counter() - t0) * 1e3
+                entry["windows_ms"][name].append(ms)
+                print(f"r={rank} rep {rep} {name:>6}: {ms:8.1f} ms", flush=True)
+        med = {k: statistics.median(v) for k, v in entry["windows_ms"].items() if v}
+        entry["median_ms"] = med
+        entry["ratio_vs_lora"] = {k: v / med["lora"] for k, v in med.items()}
+        report["ranks"][str(rank)] = entry
+        del lora, ours, lora_params, ours_params
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    set_gates(*VARIANTS["plain"])
+    print(f"\n{'rank':>5} {'variant':>8} {'median ms':>10} {'vs LoRA':>8}")
+    for rank, entry in report["ranks"].items():
+        for name, ms in entry["median_ms"].items():
+            print(f"{rank:>5} {name:>8} {ms:10.1f} {entry['ratio_vs_lora'][name]:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
