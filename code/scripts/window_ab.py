@@ -83,7 +83,7 @@ def main() -> int:
 
     def sync() -> None:
         if dev.type == "cuda":
-            sync()
+            torch.cuda.synchronize()
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -120,26 +120,33 @@ def main() -> int:
         lora, lora_params = build(spec, config, rank, dora=False, device=dev)
         ours, ours_params = build(spec, config, rank, dora=True, device=dev)
         entry = {"agreement": {}, "windows_ms": {"lora": []}}
-        # correctness first: one micro-batch's gradients under each variant against the plain path
-        ref = None
-        ok = []
-        for name in ["plain"] + [v for v in variants if v != "plain"]:
+        # correctness first: one micro-batch's gradients under each variant against the plain path's, as a
+        # relative Frobenius distance over all adapter gradients; a deep bf16 model's backward is not
+        # bit-reproducible (SDPA's backward), so a second plain run gives the noise floor
+        def grads_of(name):
             set_gates(*VARIANTS[name])
             zero_grads(ours_params)
             micro(ours, *batches[0])
             sync()
-            grads = [q.grad.detach().clone() for q in ours_params]
-            if ref is None:
-                ref = grads
-                entry["agreement"][name] = 0.0
-                ok.append(name)
-                continue
-            worst = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref))
-            entry["agreement"][name] = worst
-            if worst <= 1e-2:
+            return [q.grad.detach().float().clone() for q in ours_params]
+
+        def distance(a, b):
+            num = sum(float((x - y).square().sum()) for x, y in zip(a, b))
+            den = sum(float(y.square().sum()) for y in b)
+            return (num / max(den, 1e-30)) ** 0.5
+
+        ref = grads_of("plain")
+        floor = distance(grads_of("plain"), ref)
+        entry["agreement"] = {"plain_vs_plain": floor}
+        ok = ["plain"]
+        for name in [v for v in variants if v != "plain"]:
+            dist = distance(grads_of(name), ref)
+            entry["agreement"][name] = dist
+            if dist <= max(4 * floor, 1e-3):
                 ok.append(name)
             else:
-                print(f"r={rank} {name}: gradients differ from the plain path (max rel {worst:.3g}); not timed")
+                print(f"r={rank} {name}: gradients {dist:.3g} from the plain path's (floor {floor:.3g}); not timed")
+        del ref
         timed = [v for v in variants if v in ok]
         for name in timed:
             entry["windows_ms"][name] = []

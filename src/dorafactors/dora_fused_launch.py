@@ -82,11 +82,11 @@ def prune_norm(configs, named_args, **kwargs):
 # determines all of that (each pointer's dtype and alignment, every integer's exact value, the
 # device) and its launcher is called directly; any new key goes through the JIT once. Launch hooks
 # (profilers such as Proton) keep the JIT path.
-# Off until tests/test_dora_fused_gpu.py::test_direct_launch_matches_jit has passed on a GPU: the
-# launcher's calling convention is read from Triton 3.6 and 3.9's sources, and CPU CI (Triton's
-# interpreter) has no compiled binaries to exercise it. Its first H100 run (6a9dc01) found the
-# path never taken (the hook test below); fixed since, not yet re-run there.
-_DIRECT_LAUNCH = False
+# On since its GPU test passed on an H100 (tests/test_dora_fused_gpu.py::test_direct_launch_matches_jit, bit-identical
+# to the JIT launch incl. a misaligned pointer and a ragged T; code/results/gpu_tests/host-tests_h100_81b58b0.txt).
+# The launcher's calling convention is read from Triton 3.6 and 3.9's sources; CPU CI (the interpreter) never
+# takes this path.
+_DIRECT_LAUNCH = True
 _direct_cache: Dict[tuple, tuple] = {}
 _DIRECT_CACHE_MAX = 4096  # exact integers in the key: varying token counts add entries; start over past this
 

@@ -146,10 +146,10 @@ def _apply(*args):
 
 _TAIL_BLOCKS = {False: dict(BLOCK_D=32, BLOCK_R=64, num_warps=4), True: dict(BLOCK_D=16, BLOCK_R=16)}
 # The kernel is checked against its twin under Triton's interpreter (CPU CI) and compiled on an H100
-# (tests/test_dora_fused_linear.py passed there, code/results/gpu_tests/host-tests_h100_6a9dc01.txt).
-# CUDA tensors still take the twin: the host probe did not show the one launch beating the twin's
-# few ops (code/results/diagnostics/host_probe_h100_gates_*.json), so the measured path stays.
-_TAIL_KERNEL_ON_CUDA = False
+# (tests/test_dora_fused_linear.py: code/results/gpu_tests/host-tests_h100_81b58b0.txt). With direct launches it
+# made the Qwen3-VL-8B gradient window ~5% shorter than the twin's seven torch ops, at r=16 and r=384, gradients
+# within the run-to-run noise (code/results/diagnostics/window_ab_8b_h100.json).
+_TAIL_KERNEL_ON_CUDA = True
 
 
 def _tail_kernel():
