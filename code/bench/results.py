@@ -137,7 +137,7 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "command_line": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv]),
         # outside a git checkout (a copied tree) the caller may pass the commit in BENCH_GIT_COMMIT
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT") or None,
+        "git_commit": os.environ.get("BENCH_GIT_COMMIT") or _git("rev-parse", "HEAD") or None,
         "git_dirty": None,
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
