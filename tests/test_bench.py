@@ -426,3 +426,13 @@ def test_summary_plain_text():
     print_summary(rows, stream=out)
     text = out.getvalue()
     assert "== layer" in text and "8x8 r4 T16" in text and "0.550x" in text and "1.100x" in text
+
+
+def test_environment_names_the_commit_given_over_the_checkouts(monkeypatch):
+    # the device tool's copy of the tree may carry a stale .git: the commit passed in wins
+    from bench.results import environment
+
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "0123abc")
+    assert environment(torch.device("cpu"), [])["git_commit"] == "0123abc"
+    monkeypatch.delenv("BENCH_GIT_COMMIT")
+    assert environment(torch.device("cpu"), [])["git_commit"] != "0123abc"

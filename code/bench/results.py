@@ -136,7 +136,7 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "command_line": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv]),
-        # outside a git checkout (a copied tree) the caller may pass the commit in BENCH_GIT_COMMIT
+        # BENCH_GIT_COMMIT names the commit where the tree is a copy (the device tool's copy may carry a stale .git)
         "git_commit": os.environ.get("BENCH_GIT_COMMIT") or _git("rev-parse", "HEAD") or None,
         "git_dirty": None,
     }

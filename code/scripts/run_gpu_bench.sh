@@ -27,7 +27,7 @@
 #
 # Extra arguments after PART go to the benchmark (e.g. `--providers lora,peft_ref,ours_auto`,
 # `--repeats 5`). The repo's src/ is put on PYTHONPATH, so dorafactors need not be installed.
-# A copied tree has no .git: set BENCH_GIT_COMMIT=<sha> so the JSON names the commit.
+# On a copied tree set BENCH_GIT_COMMIT=<sha> so the JSON names the commit (it wins over a copied, possibly stale .git).
 set -euo pipefail
 
 PART="${1:-list}"
