@@ -98,6 +98,24 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (*leaves, bias), eps=1e-6, atol=1e-6)
 
 
+def test_functorch_transforms_go_through_the_python_wrapper(monkeypatch):
+    """The layer calls autograd's C entry directly (less host time) only in plain eager: under a functorch
+    transform it must take ``Function.apply``, which routes to functorch (and refuses this Function)."""
+    inputs = make((5,), 16, 4, torch.float32, False, seed=3)
+    ax = inputs["ax"].clone().requires_grad_(True)
+    calls = []
+    monkeypatch.setattr(FL, "_apply_c", lambda *a: calls.append("c") or FusedDoraLoraB.apply(*a))
+    compose_lora_b(inputs["base"], ax, inputs["B"], inputs["m"], inputs["n"], 0.5).sum().backward()
+    assert calls == ["c"]
+
+    def loss(a):
+        return compose_lora_b(inputs["base"], a, inputs["B"], inputs["m"], inputs["n"], 0.5).sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(loss)(inputs["ax"].clone())
+    assert calls == ["c"]
+
+
 def test_frozen_magnitude_saves_no_base_and_gives_no_dm():
     inputs = make((5,), 16, 4, torch.float32, False, seed=3)
     base = inputs["base"].clone().requires_grad_(True)

@@ -141,14 +141,16 @@ class FusedDoraLoraB(torch.autograd.Function):
 
 
 # ``Function.apply`` is a Python wrapper (default-argument binding, functorch's dead-wrapper unwrap)
-# around the C entry: a few µs per forward on a host-bound step. Outside functorch transforms the
-# C entry is called directly; inside one the wrapper is required (it routes to custom_function_call).
+# around the C entry: a few µs per forward on a host-bound step. In eager, outside functorch
+# transforms, the C entry is called directly; inside a transform the wrapper is required (it routes
+# to custom_function_call), and under torch.compile dynamo knows only the wrapper.
 _apply_c = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedDoraLoraB)
 _functorch_active = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
 
 
 def _apply(*args):
-    if _functorch_active():
+    if _functorch_active() or _compiling():
         return FusedDoraLoraB.apply(*args)
     return _apply_c(*args)
 
