@@ -2,6 +2,7 @@
 """Profile one gradient-accumulation window of a model (GPU): where DoRA's time goes vs LoRA.
 
     python code/scripts/profile_model_window.py --model qwen3-vl-8b --layers 4 --rank 16 --out DIR
+    python code/scripts/profile_model_window.py --layers 6 --rank 384 --quant nf4-dq --providers lora,ours --out DIR
 
 Builds the model from its config (random weights), adapts every decoder linear, runs one warm-up
 window and one profiled window (GA micro-batches, gradient checkpointing, loss on the last tokens,
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> int:
     from bench import models
+    from bench.config import QUANT_NAMES
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
@@ -42,12 +44,19 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cprofile", action="store_true", help="also print a cProfile of one window")
     p.add_argument("--providers", default="lora,ours,ours_eager")
+    p.add_argument("--quant", default="none", choices=QUANT_NAMES,
+                   help="bitsandbytes base for the adapted linears (QLoRA / QDoRA), as the bench's --quant")
     args = p.parse_args()
     spec = models.MODELS[args.model]
     config, _, reason = models.build_config(spec, layers=args.layers)
     if config is None:
         raise SystemExit(reason)
     base = models.build_model(config, device=torch.device("cuda"), dtype=torch.bfloat16, seed=0)
+    if args.quant != "none":
+        models.quantize_targets(base, spec.targets, args.quant, torch.device("cuda"))
+        torch.cuda.empty_cache()
+    for prm in base.parameters():
+        prm.requires_grad_(False)
     base.gradient_checkpointing_enable()
     base.config.use_cache = False
     targets = list(spec.targets)
@@ -117,7 +126,8 @@ def main() -> int:
         model.unload()
         del model
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile_{args.model}_L{args.layers}_r{args.rank}.json").write_text(json.dumps(
+    suffix = "" if args.quant == "none" else f"_{args.quant}"
+    (args.out / f"profile_{args.model}_L{args.layers}_r{args.rank}{suffix}.json").write_text(json.dumps(
         {"gpu": torch.cuda.get_device_name(), "args": vars(args) | {"out": str(args.out)}, **report}, indent=1))
     return 0
 
