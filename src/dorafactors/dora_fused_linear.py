@@ -32,18 +32,19 @@ __all__ = ["FusedDoraLoraB", "TailVectors", "compose_lora_b", "tail_vectors"]
 _MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm takes out_dtype (asked once: a failing call is slow)
 
 
-# Below this many columns (the rank) P is a bf16/fp16 GEMM, rounded once as LoRA's own ∂B is, then
-# widened: on an H200 the fp32-output GEMM made the Qwen3-VL-8B r=16 window 1.317x LoRA against
+# Below this many columns (the rank) a bf16 P is a bf16 GEMM, rounded once as LoRA's own ∂B is, then
+# widened. On an H200 the fp32-output GEMM made the Qwen3-VL-8B r=16 window 1.317x LoRA against
 # 1.155x (same-process A/B), although alone it times like the other (code/results/diagnostics/
-# *_r16-minN*.json, mm_out_dtype_h200.json). r=384 keeps the fp32 output (measured: 1.068x LoRA).
+# *_r16-minN*.json, mm_out_dtype_h200.json); r=384 keeps the fp32 output (measured: 1.068x LoRA).
+# fp16 always keeps it: fp16's range can overflow where fp32's does not.
 _MM_OUT_DTYPE_MIN_N = 64
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``a @ b`` accumulated in fp32 and returned in ``acc``: on CUDA from ``_MM_OUT_DTYPE_MIN_N`` columns
-    one rounding (a fp32-output GEMM), below it rounded to ``a``'s dtype first (as LoRA's ∂B)."""
-    if a.is_cuda and acc == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) \
-            and b.shape[1] >= _MM_OUT_DTYPE_MIN_N:
+    """``a @ b`` accumulated in fp32 and returned in ``acc``: on CUDA one rounding (a fp32-output GEMM),
+    except bf16 below ``_MM_OUT_DTYPE_MIN_N`` columns, rounded to bf16 first (as LoRA's ∂B)."""
+    if a.is_cuda and acc == torch.float32 and (
+            a.dtype == torch.float16 or (a.dtype == torch.bfloat16 and b.shape[1] >= _MM_OUT_DTYPE_MIN_N)):
         if _MM_OUT_DTYPE.get(a.device.type, True):
             try:
                 return torch.mm(a, b, out_dtype=torch.float32)
