@@ -145,8 +145,15 @@ class FusedDoraLoraB(torch.autograd.Function):
 # around the C entry: a few µs per forward on a host-bound step. In eager, outside functorch
 # transforms, the C entry is called directly; inside a transform the wrapper is required (it routes
 # to custom_function_call), and under torch.compile dynamo knows only the wrapper.
-_apply_c = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedDoraLoraB)
-_functorch_active = torch._C._are_functorch_transforms_active
+try:
+    _apply_c = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedDoraLoraB)
+    _functorch_active = torch._C._are_functorch_transforms_active
+except (AttributeError, KeyError):  # pragma: no cover - a torch laid out otherwise: the wrapper always
+    _apply_c = FusedDoraLoraB.apply
+
+    def _functorch_active() -> bool:
+        return False
+
 _compiling = torch.compiler.is_compiling
 
 
