@@ -436,3 +436,17 @@ def test_environment_names_the_commit_given_over_the_checkouts(monkeypatch):
     assert environment(torch.device("cpu"), [])["git_commit"] == "0123abc"
     monkeypatch.delenv("BENCH_GIT_COMMIT")
     assert environment(torch.device("cpu"), [])["git_commit"] != "0123abc"
+
+
+def test_window_ab_smoke_writes_agreement_and_ratios(tmp_path):
+    """code/scripts/window_ab.py end to end at tiny dimensions: every variant agrees with the plain path
+    (on the CPU the gates change nothing) and gets a median window and a ratio to LoRA."""
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(CODE / "scripts/window_ab.py"), "--smoke", "--ranks", "4", "--seqlen", "16",
+           "--loss-tokens", "4", "--grad-accum", "2", "--repeats", "1", "--variants", "plain,both", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    entry = json.loads(out.read_text())["ranks"]["4"]
+    assert entry["agreement"] == {"plain_vs_plain": 0.0, "both": 0.0}
+    assert set(entry["median_ms"]) == {"lora", "plain", "both"}
+    assert entry["ratio_vs_lora"]["lora"] == 1.0 and entry["ratio_vs_lora"]["both"] > 0
