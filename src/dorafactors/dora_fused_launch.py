@@ -2,6 +2,7 @@
 launches of compiled binaries (no Triton JIT dispatch per call). Imports only torch at import time;
 everything here is internal to :mod:`.dora_fused`."""
 
+import warnings
 from typing import Dict
 
 import torch
@@ -84,15 +85,33 @@ def prune_norm(configs, named_args, **kwargs):
 # (profilers such as Proton) keep the JIT path.
 # On since its GPU test passed on an H100 (tests/test_dora_fused_gpu.py::test_direct_launch_matches_jit, bit-identical
 # to the JIT launch incl. a misaligned pointer and a ragged T; code/results/gpu_tests/host-tests_h100_81b58b0.txt).
-# The launcher's calling convention is read from Triton 3.6 and 3.9's sources; CPU CI (the interpreter) never
-# takes this path.
+# The launcher's calling convention is read from Triton 3.6 and 3.9's sources, so other Triton versions
+# keep the JIT path; a launcher that still refuses the call (TypeError, raised before anything runs)
+# turns direct launches off for the process, with one warning. CPU CI (the interpreter) never takes
+# this path.
 _DIRECT_LAUNCH = True
+_DIRECT_TRITON = ((3, 6), (3, 10))  # [low, high) of the Triton versions whose launcher was read
+_direct_state: Dict[str, object] = {}  # "version_ok": bool, once; "refused": why the launcher refused
 _direct_cache: Dict[tuple, tuple] = {}
 _DIRECT_CACHE_MAX = 4096  # exact integers in the key: varying token counts add entries; start over past this
 
 
+def _triton_version_ok() -> bool:
+    ok = _direct_state.get("version_ok")
+    if ok is None:
+        import triton
+
+        try:
+            version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        except ValueError:  # a development build's odd version string: not one we have read
+            version = (0, 0)
+        low, high = _DIRECT_TRITON
+        ok = _direct_state["version_ok"] = low <= version < high
+    return bool(ok)
+
+
 def direct_launch_allowed() -> bool:
-    if not _DIRECT_LAUNCH:
+    if not _DIRECT_LAUNCH or "refused" in _direct_state or not _triton_version_ok():
         return False
     import triton
 
@@ -138,8 +157,15 @@ def launch_direct(jit_fn, full_key: tuple, grid: tuple, args: tuple, consts: dic
     compiled, tail = hit
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *tail)
+    try:
+        compiled.run(grid[0], g1, g2, _raw_stream(device), compiled.function, compiled.packed_metadata, None, None,
+                     None, *args, *tail)
+    except TypeError as exc:  # the launcher parses its arguments before launching: nothing ran
+        _direct_state["refused"] = f"{type(exc).__name__}: {exc}"
+        _direct_cache.clear()
+        warnings.warn(f"dorafactors: Triton's launcher refused a direct launch ({exc}); launching through "
+                      "Triton's JIT from now on", RuntimeWarning, stacklevel=2)
+        jit_fn[grid](*args, **consts, **chosen)
 
 
 try:  # what Triton's own launcher asks for the stream
