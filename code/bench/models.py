@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MODELS", "MODEL_NAMES", "ModelSpec", "analytic_counts", "build_config", "build_model", "dense_twin",
-           "dora_counts", "meta_counts", "quantize_targets"]
+           "dora_counts", "enable_checkpointing", "meta_counts", "quantize_targets"]
 
 STANDARD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -118,6 +118,14 @@ def build_model(config, *, device: torch.device, dtype: torch.dtype, seed: int):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model, under either name."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _is_target(name: str, targets: tuple[str, ...]) -> bool:

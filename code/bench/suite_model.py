@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .common import DTYPES, TOLERANCE, Case, autocast, compare, perturb_, set_adapters, trainable, zero_grads
 from .memory import CPU_REASON, PeakMemory, allocated, release
-from .models import MODELS, analytic_counts, build_config, build_model, dense_twin, dora_counts, quantize_targets
+from .models import (MODELS, analytic_counts, build_config, build_model, dense_twin, dora_counts, enable_checkpointing,
+                     quantize_targets)
 from .providers import Provider, wrap_model
 from .timing import measure
 
@@ -216,10 +217,7 @@ def run_model(case: Case, ctx) -> None:
     for prm in base.parameters():
         prm.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     base.enable_input_require_grads()
     base_counts = analytic_counts(base, spec.targets, r)
     batches = _batches(config, cfg, device, max(2, 2 * ga))

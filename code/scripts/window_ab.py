@@ -43,7 +43,7 @@ def set_gates(direct: bool, tail: bool) -> None:
 
 def build(spec, config, rank: int, dora: bool, device: torch.device):
     from bench.common import set_adapters, trainable
-    from bench.models import build_model
+    from bench.models import build_model, enable_checkpointing
     from peft import LoraConfig, get_peft_model
 
     import dorafactors
@@ -51,10 +51,7 @@ def build(spec, config, rank: int, dora: bool, device: torch.device):
     base = build_model(config, device=device, dtype=torch.bfloat16, seed=0)
     for p in base.parameters():
         p.requires_grad_(False)
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     base.enable_input_require_grads()
     base.config.use_cache = False
     with dorafactors.enabled(dora):
@@ -92,7 +89,7 @@ def main() -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     spec = MODELS[args.model]
-    config, depth, reason = build_config(spec, layers=args.layers, smoke=args.smoke)
+    config, _, reason = build_config(spec, layers=args.layers, smoke=args.smoke)
     if config is None:
         raise SystemExit(reason)
     gen = torch.Generator(device=dev).manual_seed(0)
