@@ -132,6 +132,9 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "peft": _version("peft"),
         "transformers": _version("transformers"),
         "dorafactors": _version("dorafactors"),
+        # optional kernels that change what a model run measures: QLoRA's base, Gated-DeltaNet's layers
+        "bitsandbytes": _version("bitsandbytes"),
+        "flash_linear_attention": _version("fla"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),

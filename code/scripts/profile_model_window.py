@@ -33,6 +33,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import dorafactors
+    from dorafactors import dora as dora_module
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="qwen3-vl-8b")
@@ -62,6 +63,14 @@ def main() -> int:
     targets = list(spec.targets)
     ids = [torch.randint(0, config.vocab_size, (1, args.seqlen), device="cuda") for _ in range(args.grad_accum)]
     report = {}
+    norm_calls = [0]
+    factored_row_norm = dora_module.factored_row_norm
+
+    def counted_row_norm(*a, **k):  # how often the norm is recomputed: once per adapted linear per window
+        norm_calls[0] += 1
+        return factored_row_norm(*a, **k)
+
+    dora_module.factored_row_norm = counted_row_norm
     for name in args.providers.split(","):
         with dorafactors.enabled(name != "lora"):
             model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets,
@@ -111,17 +120,19 @@ def main() -> int:
             pstats.Stats(cp, stream=sio).sort_stats("cumtime").print_stats(45)
             print(f"== {name}: cProfile by cumulative time ==\n{sio.getvalue()[:9000]}")
             cprofile_text = own_text + sio.getvalue()
+        norm_calls[0] = 0
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             window()
             torch.cuda.synchronize()
+        norm_recomputes = norm_calls[0]
         override.__exit__(None, None, None)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
         cpu_table = prof.key_averages(group_by_stack_n=0).table(sort_by="self_cpu_time_total", row_limit=25)
         busy_us = sum(e.self_device_time_total for e in prof.key_averages())
         print(f"== {name}: windows {[round(w, 1) for w in windows]} ms, host issue {[round(h, 1) for h in hosts]} ms, "
-              f"kernels {busy_us / 1e3:.1f} ms ==\n{cpu_table}")
+              f"kernels {busy_us / 1e3:.1f} ms, norm recomputes {norm_recomputes} ==\n{table}\n{cpu_table}")
         report[name] = {"window_ms": sorted(windows)[len(windows) // 2], "windows_ms": windows, "host_issue_ms": hosts,
-                        "kernel_busy_ms": busy_us / 1e3, "cuda_table": table, "cpu_table": cpu_table,
+                        "kernel_busy_ms": busy_us / 1e3, "norm_recomputes_per_window": norm_recomputes, "cuda_table": table, "cpu_table": cpu_table,
                         "cprofile": cprofile_text}
         model.unload()
         del model
