@@ -31,24 +31,34 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "code"))
 sys.path.insert(0, str(ROOT / "src"))
 
-VARIANTS = {"plain": (False, False), "direct": (True, False), "tail": (False, True), "both": (True, True)}
+# (direct launches, compiled tail kernel, fp32-output P GEMM from this rank up: the library's rule, or
+# "never" for a bf16 GEMM widened afterwards at every rank)
+VARIANTS = {"plain": (False, False, "lib"), "direct": (True, False, "lib"), "tail": (False, True, "lib"),
+            "both": (True, True, "lib"), "bf16p": (True, True, "never")}
+_LIB_MM_MIN_N = None
 
 
-def set_gates(direct: bool, tail: bool) -> None:
+def set_gates(direct: bool, tail: bool, mm_rule: str = "lib") -> None:
+    global _LIB_MM_MIN_N
     from dorafactors import dora_fused_launch, dora_fused_linear
 
+    if _LIB_MM_MIN_N is None:
+        _LIB_MM_MIN_N = dora_fused_linear._MM_OUT_DTYPE_MIN_N
     dora_fused_launch._DIRECT_LAUNCH = direct
     dora_fused_linear._TAIL_KERNEL_ON_CUDA = tail
+    dora_fused_linear._MM_OUT_DTYPE_MIN_N = _LIB_MM_MIN_N if mm_rule == "lib" else 1 << 62
 
 
-def build(spec, config, rank: int, dora: bool, device: torch.device):
+def build(spec, config, rank: int, dora: bool, device: torch.device, quant: str = "none"):
     from bench.common import set_adapters, trainable
-    from bench.models import build_model, enable_checkpointing
+    from bench.models import build_model, enable_checkpointing, quantize_targets
     from peft import LoraConfig, get_peft_model
 
     import dorafactors
 
     base = build_model(config, device=device, dtype=torch.bfloat16, seed=0)
+    if quant != "none":  # QLoRA against QDoRA on a bitsandbytes base, as the model suite's --quant
+        quantize_targets(base, spec.targets, quant, device)
     for p in base.parameters():
         p.requires_grad_(False)
     enable_checkpointing(base)
@@ -74,7 +84,8 @@ def main() -> int:
     p.add_argument("--grad-accum", type=int, default=8)
     p.add_argument("--loss-tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="plain,direct,tail,both")
+    p.add_argument("--quant", default="none", help="bitsandbytes base, as the model suite's --quant")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="tiny dimensions (a check of this script; CPU without CUDA)")
     args = p.parse_args()
@@ -109,15 +120,16 @@ def main() -> int:
 
     report = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "args": vars(args) | {"out": str(args.out)},
-              "variants": {k: {"direct_launch": d, "tail_kernel": t} for k, (d, t) in VARIANTS.items()},
+              "variants": {k: {"direct_launch": d, "tail_kernel": t, "fp32_out_p_gemm": mm}
+                           for k, (d, t, mm) in VARIANTS.items()},
               "what": "median gradient-window ms (interleaved repeats), params changed in place between windows",
               "ranks": {}}
     import triton
 
     report["triton"] = triton.__version__
     for rank in [int(r) for r in args.ranks.split(",")]:
-        lora, lora_params = build(spec, config, rank, dora=False, device=dev)
-        ours, ours_params = build(spec, config, rank, dora=True, device=dev)
+        lora, lora_params = build(spec, config, rank, dora=False, device=dev, quant=args.quant)
+        ours, ours_params = build(spec, config, rank, dora=True, device=dev, quant=args.quant)
         entry = {"agreement": {}, "windows_ms": {"lora": []}}
         # correctness first: one micro-batch's gradients under each variant against the plain path's, as a
         # relative Frobenius distance over all adapter gradients; a deep bf16 model's backward is not
