@@ -182,3 +182,36 @@ def test_direct_launch_matches_jit(tokens, monkeypatch):
         got = _launch_all(base, lora, m, n, dy, B, U, G, base_sq)  # direct
         for name, a, e in zip(("out", "v", "d_base", "d_lora", "d_m", "n", "g"), got, expected):
             assert torch.equal(a, e), f"{name}: direct launch differs from the JIT launch"
+
+
+@pytest.mark.parametrize("d_out", D_OUTS, ids=lambda d: f"T{T}-dout{d}")
+@pytest.mark.parametrize("r", RANKS)
+def test_lora_b_forward_kernel_production(d_out, r, monkeypatch):
+    """The one-kernel forward of the fused linear (lora_B's GEMM, compose in its epilogue) at production
+    shapes, bf16 activations with PEFT's fp32 B, into a NaN-poisoned output: against its twin and fp64,
+    and a direct launch of the kept binary bit-identical to the JIT's."""
+    from dorafactors import dora_fused_linear as FL
+    from dorafactors.dora_fused_naive import lora_b_compose_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(d_out + r)
+    base = torch.randn(T, d_out, device="cuda", generator=gen).bfloat16()
+    ax = torch.randn(T, r, device="cuda", generator=gen).bfloat16()
+    B = torch.randn(d_out, r, device="cuda", generator=gen) * r ** -0.5
+    m = torch.rand(d_out, device="cuda", generator=gen) + 0.5
+    n = m * (1 + 0.05 * torch.randn(d_out, device="cuda", generator=gen))
+    bias = torch.randn(d_out, device="cuda", generator=gen).bfloat16()
+    tail = FL.tail_vectors(m, n, S)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(F.launch, "_DIRECT_LAUNCH", False)
+    out = FL._forward(base, ax, B, tail, S, bias)
+    monkeypatch.setattr(F.launch, "_DIRECT_LAUNCH", True)
+    direct = [FL._forward(base, ax, B, tail, S, bias) for _ in range(2)][-1]
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert torch.equal(out, direct), "direct launch differs from the JIT launch"
+    rel, _ = _rel_err(out, lora_b_compose_reference(base, ax, B, m, n, S, bias))
+    assert rel < 4e-3, f"vs twin: rel {rel:.3g}"
+    g = m.double() / n.double()
+    exact = g * (base.double() + S * (ax.double() @ B.bfloat16().double().t())) + bias.double()
+    rel64, _ = _rel_err(out, exact)
+    assert rel64 < 4e-3, f"vs fp64: rel {rel64:.3g}"

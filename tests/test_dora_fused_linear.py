@@ -209,6 +209,50 @@ def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monk
         assert (got.double() - exact).abs().max().item() <= tol * scale, f"{name} vs fp64"
 
 
+@pytest.mark.parametrize("dtype,b_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.float32, 1e-2),
+                                         (torch.bfloat16, torch.bfloat16, 1e-2), (torch.float16, torch.float32, 2e-3)],
+                         ids=["fp32", "bf16-B32", "bf16", "fp16-B32"])
+@pytest.mark.parametrize("shape_t,d_out,r,bias", [((37,), 45, 5, True), ((2, 17), 64, 40, False), ((1,), 1, 1, True)],
+                         ids=["ragged-bias", "3d-r40", "one"])
+def test_forward_kernel_matches_twin_and_fp64(shape_t, d_out, r, bias, dtype, b_dtype, tol, monkeypatch):
+    """The one-kernel forward (lora_B's GEMM with the compose as its epilogue) into a poisoned output,
+    against its twin and fp64; ragged T, d_out and r exercise every mask, and the [.., r] slices of a
+    wider ax its row stride."""
+    from dorafactors.dora_fused_naive import lora_b_compose_reference
+
+    inputs = make(shape_t, d_out, r, dtype, bias, seed=d_out * 3 + r)
+    wide_ax = make(shape_t, d_out, r + 3, dtype, False, seed=5)["ax"]
+    ax = wide_ax[..., 2:2 + r]  # a strided view: rows r + 3 apart
+    B = inputs["B"].to(b_dtype)
+    tail = tail_vectors(inputs["m"], inputs["n"], 0.75)
+    assert FL._fused_forward_applies(inputs["base"], ax, B, tail)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    out = FL._forward(inputs["base"], ax, B, tail, 0.75, inputs["bias"])
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert out.shape == inputs["base"].shape and out.dtype == dtype and not torch.isnan(out).any()
+    ref = lora_b_compose_reference(inputs["base"], ax, B, inputs["m"], inputs["n"], 0.75, inputs["bias"])
+    exact = twin(*(t.double() if t is not None else None for t in (inputs["base"], ax, B.to(dtype), inputs["m"],
+                                                                  inputs["n"])), 0.75,
+                 inputs["bias"].double() if bias else None)
+    scale = exact.abs().max().item()
+    assert (out.double() - ref.double()).abs().max().item() <= tol * scale, "vs twin"
+    assert (out.double() - exact).abs().max().item() <= tol * scale, "vs fp64"
+
+
+def test_forward_takes_one_kernel_and_fp64_keeps_the_pair(monkeypatch):
+    """Which forward ran: the one-kernel path for fp32/bf16/fp16 (no lora tensor, no compose launch),
+    the GEMM + compose pair for fp64."""
+    calls = []
+    real_compose, real_gemm = FL._launch_compose_fwd, FL._launch_lora_b_fwd
+    monkeypatch.setattr(FL, "_launch_compose_fwd", lambda *a, **k: calls.append("pair") or real_compose(*a, **k))
+    monkeypatch.setattr(FL, "_launch_lora_b_fwd", lambda *a, **k: calls.append("one") or real_gemm(*a, **k))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        inputs = make((5,), 24, 4, dtype, False, seed=3)
+        compose_lora_b(**inputs, s=0.5)
+    assert calls == ["one", "one", "pair"]
+
+
 def test_tail_backward_twin_path_where_the_kernel_is_off(monkeypatch):
     """Compiled mode with the kernel switched off (CUDA's default until its GPU test passed): the
     twin computes exactly what it is asked for, nothing more."""

@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--count-ops", action="store_true", help="also count top-level aten ops per linear")
     p.add_argument("--tail", choices=("kernel", "twin"), default="kernel",
                    help="with --stub-launches: the [d_out, r] backward as a stubbed kernel or as its twin")
+    p.add_argument("--one-kernel-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the fused linear's forward as one kernel (on) or as GEMM + compose (off)")
     p.add_argument("--fast-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="force the GPU-gated host paths (direct launches, compiled tail kernel) on or off "
                         "for this run (default: the library's setting)")
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
         stub_kernels(args.tail)
     from dorafactors import dora_fused_launch, dora_fused_linear
 
+    if args.one_kernel_forward is not None:
+        dora_fused_linear._ONE_KERNEL_FORWARD = args.one_kernel_forward
     if args.fast_paths is not None:
         dora_fused_launch._DIRECT_LAUNCH = args.fast_paths
         dora_fused_linear._TAIL_KERNEL_ON_CUDA = args.fast_paths
@@ -178,6 +182,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "stub_launches": stub,
         "fast_paths": dora_fused_launch._DIRECT_LAUNCH and dora_fused_linear._TAIL_KERNEL_ON_CUDA,
+        "one_kernel_forward": dora_fused_linear._ONE_KERNEL_FORWARD,
         "args": {k: str(v) for k, v in vars(args).items()},
         "us_per_linear": best,
         "ours_fused_minus_lora_us": best["ours_fused"] - best["lora"],

@@ -33,12 +33,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # (direct launches, compiled tail kernel, fp32-output P GEMM from this rank up: the library's rule, or
 # "never" for a bf16 GEMM widened afterwards at every rank)
-VARIANTS = {"plain": (False, False, "lib"), "direct": (True, False, "lib"), "tail": (False, True, "lib"),
-            "both": (True, True, "lib"), "bf16p": (True, True, "never")}
+# ... and the forward as one kernel (lora_B's GEMM with the compose as epilogue) or as cuBLAS's GEMM
+# then the compose kernel
+VARIANTS = {"plain": (False, False, "lib", False), "direct": (True, False, "lib", False),
+            "tail": (False, True, "lib", False), "both": (True, True, "lib", False),
+            "bf16p": (True, True, "never", False), "onefwd": (True, True, "lib", True)}
 _LIB_MM_MIN_N = None
 
 
-def set_gates(direct: bool, tail: bool, mm_rule: str = "lib") -> None:
+def set_gates(direct: bool, tail: bool, mm_rule: str = "lib", one_kernel_forward: bool = False) -> None:
     global _LIB_MM_MIN_N
     from dorafactors import dora_fused_launch, dora_fused_linear
 
@@ -47,6 +50,7 @@ def set_gates(direct: bool, tail: bool, mm_rule: str = "lib") -> None:
     dora_fused_launch._DIRECT_LAUNCH = direct
     dora_fused_linear._TAIL_KERNEL_ON_CUDA = tail
     dora_fused_linear._MM_OUT_DTYPE_MIN_N = _LIB_MM_MIN_N if mm_rule == "lib" else 1 << 62
+    dora_fused_linear._ONE_KERNEL_FORWARD = one_kernel_forward
 
 
 def build(spec, config, rank: int, dora: bool, device: torch.device, quant: str = "none"):
@@ -120,8 +124,8 @@ def main() -> int:
 
     report = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "args": vars(args) | {"out": str(args.out)},
-              "variants": {k: {"direct_launch": d, "tail_kernel": t, "fp32_out_p_gemm": mm}
-                           for k, (d, t, mm) in VARIANTS.items()},
+              "variants": {k: {"direct_launch": d, "tail_kernel": t, "fp32_out_p_gemm": mm, "one_kernel_forward": f}
+                           for k, (d, t, mm, f) in VARIANTS.items()},
               "what": "median gradient-window ms (interleaved repeats), params changed in place between windows",
               "ranks": {}}
     import triton

@@ -257,19 +257,40 @@ _AUTOTUNE_KEYS = {
     "norm": ["d_out", "r"],
 }
 _tuned_cache: Dict[tuple, object] = {}
+# Kernels that live in a sibling module (dora_fused_linear), launched through the same autotune and
+# direct-launch machinery: name -> (factory, autotune key, configs(comprehensive, interp), prune). The
+# factory runs once per mode, after ``triton`` / ``tl`` are bound, and returns the jit function.
+_registered: Dict[str, tuple] = {}
+
+
+def register_kernel(name: str, factory, autotune_key: List[str], configs, prune) -> None:
+    _registered[name] = (factory, autotune_key, configs, prune)
+
+
+def _raw_kernel(name: str):
+    kernels = _kernels()
+    raw = kernels.get(name)
+    if raw is None:
+        raw = kernels[name] = _registered[name][0]()
+    return raw
 
 
 def _tuned(name: str):
     """The autotuned wrapper of kernel ``name`` for the current config list."""
-    raw = _kernels()[name]
+    raw = _raw_kernel(name)
     interp = _interpreting()
     comprehensive = _autotune_comprehensive()
     key = (name, interp, comprehensive)
     if key not in _tuned_cache:
-        configs = launch.interpreter_configs()[name] if interp else launch.autotune_configs(comprehensive)[name]
-        prune = launch.prune_norm if name == "norm" else launch.prune_compose
+        if name in _registered:
+            _, autotune_key, configs_of, prune = _registered[name]
+            configs = configs_of(comprehensive, interp)
+        else:
+            autotune_key = _AUTOTUNE_KEYS[name]
+            configs = launch.interpreter_configs()[name] if interp else launch.autotune_configs(comprehensive)[name]
+            prune = launch.prune_norm if name == "norm" else launch.prune_compose
         _tuned_cache[key] = triton.autotune(
-            configs=configs, key=_AUTOTUNE_KEYS[name], prune_configs_by={"early_config_prune": prune}
+            configs=configs, key=autotune_key, prune_configs_by={"early_config_prune": prune}
         )(raw)
     return _tuned_cache[key]
 
@@ -287,9 +308,9 @@ def _launch_tuned(name: str, grid, args: tuple, consts: dict, key: tuple) -> Non
     chosen = _chosen.get(full_key)
     if chosen is not None:
         if interp or not launch.direct_launch_allowed():
-            _kernels()[name][grid(chosen)](*args, **consts, **chosen)
+            _raw_kernel(name)[grid(chosen)](*args, **consts, **chosen)
         else:
-            launch.launch_direct(_kernels()[name], full_key, grid(chosen), args, consts, chosen)
+            launch.launch_direct(_raw_kernel(name), full_key, grid(chosen), args, consts, chosen)
         return
     tuner = _tuned(name)
     tuner[grid](*args, **consts)

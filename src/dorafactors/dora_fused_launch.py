@@ -53,6 +53,29 @@ def interpreter_configs() -> Dict[str, list]:
             "compose_bwd": [Config({"BLOCK_T": 16, "BLOCK_D": 64})], "norm": [Config({"BLOCK_D": 16, "BLOCK_R": 16})]}
 
 
+def lora_b_fwd_configs(comprehensive: bool, interp: bool) -> list:
+    """Configs of the fused ``lora_B`` GEMM + compose forward: [BLOCK_T, BLOCK_D] output tiles
+    accumulating over r in BLOCK_R slices (tensor-core shapes: every block at least 16)."""
+    import triton
+
+    Config = triton.Config
+    if interp:
+        return [Config({"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_R": 16})]
+    if not comprehensive:
+        spec = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 3),
+                (64, 256, 32, 8, 3), (64, 64, 32, 4, 2), (32, 64, 16, 4, 2), (16, 64, 16, 4, 1)]
+    else:
+        spec = [(t, d, k, w, st) for t in (16, 32, 64, 128) for d in (64, 128, 256) for k in (16, 32, 64)
+                for w in (4, 8) for st in (1, 2, 3, 4) if t * d <= 32768]
+    return [Config({"BLOCK_T": t, "BLOCK_D": d, "BLOCK_R": k}, num_warps=w, num_stages=st) for t, d, k, w, st in spec]
+
+
+def prune_lora_b_fwd(configs, named_args, **kwargs):
+    return _prune_by_caps(configs, [("BLOCK_R", max(16, next_pow2(named_args["r"]))),
+                                    ("BLOCK_T", max(16, next_pow2(named_args["T_BUCKET"]))),
+                                    ("BLOCK_D", max(16, next_pow2(named_args["d_out"])))])
+
+
 def _prune_by_caps(configs, caps):
     # Drop tiles far larger than the problem, one dimension at a time; never drop all.
     kept = list(configs)

@@ -277,7 +277,102 @@ def _lora_out(ax: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(ax, B)
 
 
+def _lora_b_fwd_kernel():
+    """The forward kernel: ``out = g ⊙ (base + s·ax·Bᵀ) + bias`` per [BLOCK_T, BLOCK_D] tile, the
+    LoRA product accumulated in fp32 over r and never written out (defined once per mode)."""
+    triton, tl = _fused.triton, _fused.tl
+
+    @triton.jit
+    def _lora_b_compose_fwd_kernel(
+        base_ptr, ax_ptr, B_ptr, m_ptr, n_ptr, bias_ptr, out_ptr,
+        T, d_out, r, stride_base, stride_ax, stride_b, stride_out, s, T_BUCKET,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < T
+        cmask = cols < d_out
+        lora = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, r, BLOCK_R):
+            ks = k0 + tl.arange(0, BLOCK_R)
+            kmask = ks < r
+            a = tl.load(ax_ptr + rows[:, None] * stride_ax + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            bt = tl.load(B_ptr + cols[None, :] * stride_b + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                         other=0.0)
+            # B multiplies in ax's dtype, as autocast's linear would: rounded there first
+            bt = bt.to(ax_ptr.dtype.element_ty)
+            lora = tl.dot(a.to(DOT), bt.to(DOT), lora, input_precision=DOT_PRECISION)
+        m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        n = tl.load(n_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        g = tl.div_rn(m, n)
+        mask = rmask[:, None] & cmask[None, :]
+        b = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = g[None, :] * (b + s * lora)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return _lora_b_compose_fwd_kernel
+
+
+_fused.register_kernel("lora_b_fwd", _lora_b_fwd_kernel, ["d_out", "r", "T_BUCKET", "HAS_BIAS"],
+                       _fused.launch.lora_b_fwd_configs, _fused.launch.prune_lora_b_fwd)
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# The forward as one kernel instead of cuBLAS's lora_B GEMM then the compose kernel: one launch and
+# no [T, d_out] lora tensor written and read back. On a host-bound step each launch counts (H100 host,
+# code/results/diagnostics/host_probe_h100_cprofile.json: ~100 µs per F.linear, ~80 µs per direct launch).
+_ONE_KERNEL_FORWARD = True
+
+
+def _fused_forward_applies(base, ax, B, tail) -> bool:
+    """The one-kernel forward takes fp32/bf16/fp16 activations with fp32 tail vectors; fp64 (tests,
+    gradcheck) keeps the GEMM + compose pair."""
+    return (_ONE_KERNEL_FORWARD and ax.dtype in _GEMM_DTYPES and B.dtype in _GEMM_DTYPES and base.dtype in _GEMM_DTYPES
+            and tail.dtype == torch.float32)
+
+
+def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
+    d_out, r = B.shape
+    base2, ax2 = _launch_rows(base, d_out), _launch_rows(ax, r)
+    _fused._check_runnable(base2)
+    T = _fused._n_rows(base2)
+    out = torch.empty(base2.shape, dtype=base.dtype, device=base.device)
+    if T == 0 or d_out == 0:
+        return out
+    B2 = B if B.stride(1) == 1 else B.contiguous()
+    interp = _fused._interpreting()
+    tl = _fused.tl
+    # bf16/fp16 products are exact in fp32 and summed there (tensor cores); fp32 activations multiply in
+    # full fp32 ("ieee"), as torch's matmul does with TF32 off. The interpreter multiplies bf16 as raw
+    # integers, so there the dot runs in fp32 on the rounded values.
+    dot = tl.float32 if interp or ax.dtype == torch.float32 else (
+        tl.bfloat16 if ax.dtype == torch.bfloat16 else tl.float16)
+    vec = _fused._vec
+    m1 = vec(tail.m)
+    b1 = vec(bias) if bias is not None else m1
+    t_bucket = _fused._t_bucket(T)
+    args = (base2, ax2, B2, m1, vec(tail.n), b1, out, T, d_out, r, _fused._row_stride(base2),
+            _fused._row_stride(ax2), B2.stride(0), _fused._row_stride(out), float(s), t_bucket)
+    consts = dict(HAS_BIAS=bias is not None, DOT=dot, DOT_PRECISION="ieee", **_fused._OPTS)
+    cdiv = _fused.triton.cdiv
+    with _fused._on_device(base2):
+        _fused._launch_tuned(
+            "lora_b_fwd", lambda META: (cdiv(T, META["BLOCK_T"]), cdiv(d_out, META["BLOCK_D"])), args, consts,
+            (d_out, r, t_bucket, bias is not None, base2.dtype, ax2.dtype, B2.dtype, out.dtype,
+             b1.dtype, str(dot)))
+    return out
+
+
 def _forward(base, ax, B, tail, s, bias):
+    if _fused_forward_applies(base, ax, B, tail):
+        _fused._kernels()  # binds triton / tl
+        return _shaped(_launch_lora_b_fwd(base, ax, B, tail, s, bias), base.shape)
     d_out = base.shape[-1]
     lora = _lora_out(ax, B)
     out, _ = _launch_compose_fwd(_launch_rows(base, d_out), _launch_rows(lora, d_out), tail.m, tail.n, s, bias, False)

@@ -23,6 +23,7 @@ __all__ = [
     "dora_compose_reference",
     "dora_compose_backward_reference",
     "dora_norm_assembly_reference",
+    "lora_b_compose_reference",
     "lora_b_tail_backward_reference",
 ]
 
@@ -143,3 +144,23 @@ def lora_b_tail_backward_reference(
         d_m = torch.addcmul(as_(pdm, acc).sum(0).div_(as_(n, acc)), torch.linalg.vecdot(P, B_acc), as_(s_over_n, acc))
     dB = as_(P * sg_col, B.dtype) if need_dB else None
     return d_m, dB, as_(B_acc * sg_col, bs_dtype) if need_Bs else None
+
+
+def lora_b_compose_reference(
+    base: torch.Tensor, ax: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor, s: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Twin of the fused linear's forward kernel: ``g ⊙ (base + s·ax·Bᵀ) + bias``, ``g = m / n``.
+
+    ``B`` is rounded to ``ax``'s dtype (autocast's rule for the LoRA GEMM), the product is summed in
+    fp32 (fp64 for fp64 inputs) and never rounded to the activation dtype; one rounding to
+    ``base.dtype`` at the end. No autograd (the kernel's Function owns the backward).
+    """
+    acc = compute_dtype(base, ax, m, n, bias)
+    with torch.no_grad():
+        lora = ax.to(acc) @ B.to(ax.dtype).to(acc).t()
+        g = m.reshape(-1).to(acc) / n.reshape(-1).to(acc)
+        out = g * (base.to(acc) + s * lora)
+        if bias is not None:
+            out = out + bias.reshape(-1).to(acc)
+    return out.to(base.dtype)
