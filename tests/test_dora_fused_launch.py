@@ -97,3 +97,18 @@ def test_a_refused_direct_launch_falls_back_to_the_jit_for_good(monkeypatch):
         launch.launch_direct(jit, ("k",), (1,), (x, 4), {}, {"BLOCK": 16})
     assert len(jit.launches) == 2 and jit.launches[-1][2] == {"BLOCK": 16}, "the refused launch did not run"
     assert not launch.direct_launch_allowed() and launch._direct_cache == {}
+
+
+def test_specialization_key_separates_what_the_binary_depends_on():
+    """Tensors by dtype and 16-byte alignment (a parameter like a tensor), integers by exact value,
+    floats by type only: equal keys exactly when one compiled binary serves both calls."""
+    import torch
+
+    buf = torch.zeros(64)
+    p = torch.nn.Parameter(torch.zeros(8))
+    key = launch._specialization((buf, p, 4096, True, 0.5))
+    assert key == ((torch.float32, True), (torch.float32, True), 4096, True, float)
+    assert launch._specialization((buf, p, 4096, True, 2.0)) == key  # a float's value is not specialised
+    assert launch._specialization((buf[1:], p, 4096, True, 0.5)) != key  # 4 bytes off alignment
+    assert launch._specialization((buf.half(), p, 4096, True, 0.5)) != key
+    assert launch._specialization((buf, p, 4097, True, 0.5)) != key

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import dora_fused_launch as launch
+from .dora_env import get_config  # standard library only: safe at import time
 from .dora_fused_launch import next_pow2 as _next_pow2
 from .dora_fused_naive import (  # noqa: F401 - the twins are re-exported
     compute_dtype, dora_compose_backward_reference, dora_compose_reference, dora_norm_assembly_reference)
@@ -96,11 +97,9 @@ def set_autotune_comprehensive(flag: bool) -> None:
 
 def _autotune_comprehensive() -> bool:
     """The setter's choice, else ``DORA_AUTOTUNE_COMPREHENSIVE`` from the validated config
-    (:mod:`.dora_env`, the one place that reads the environment)."""
+    (:mod:`.dora_env`, the one place that reads the environment; asked on every launch)."""
     if _autotune_override is not None:
         return _autotune_override
-    from .dora_env import get_config
-
     return get_config().autotune_comprehensive
 
 

@@ -133,13 +133,19 @@ def _triton_version_ok() -> bool:
     return bool(ok)
 
 
+def _runtime_knobs():
+    """``triton.knobs.runtime`` (None on a Triton without knobs), looked up once: asked on every launch."""
+    if "runtime" not in _direct_state:
+        import triton
+
+        _direct_state["runtime"] = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return _direct_state["runtime"]
+
+
 def direct_launch_allowed() -> bool:
     if not _DIRECT_LAUNCH or "refused" in _direct_state or not _triton_version_ok():
         return False
-    import triton
-
-    knobs = getattr(triton, "knobs", None)
-    runtime = getattr(knobs, "runtime", None)
+    runtime = _runtime_knobs()  # the hooks themselves are read per launch: a profiler may set them any time
     return runtime is not None and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)
 
 
@@ -150,15 +156,14 @@ def _no_hook(hook) -> bool:
 
 
 def _specialization(args: tuple) -> tuple:
-    spec = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            spec.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, (bool, int)):
-            spec.append(a)  # the exact value: covers ==1, %16 and the i32/i64 choice
-        else:
-            spec.append(type(a))  # floats: passed as fp32, never specialised
-    return tuple(spec)
+    """What the binary was specialised on, per argument: a tensor's dtype and 16-byte alignment; an
+    integer's exact value (covers == 1, % 16 and the i32/i64 choice); for a float only its type (passed
+    as fp32, never specialised). One comprehension: this runs on every launch."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else
+                  (a if a.__class__ is not float else float) for a in args])
+
+
+_Tensor = torch.Tensor
 
 
 def launch_direct(jit_fn, full_key: tuple, grid: tuple, args: tuple, consts: dict, chosen: dict) -> None:
