@@ -16,6 +16,10 @@ So the backward costs LoRA's two GEMMs plus one elementwise pass (read dy and ba
 saved bytes, and two fewer [T, d_out] passes than saving ``v``. What is left over [d_out, r]
 (∂m's two parts summed and scaled, ∂B, the scaled ``B`` for ∂ax) is one small kernel: the step
 is host-bound on many layers, and that is one launch instead of seven torch ops.
+
+The forward is one kernel too: ``lora = ax·Bᵀ`` accumulated in fp32 over r per output tile, with
+``g ⊙ (base + s·lora) + bias`` as the GEMM's epilogue, so the LoRA product is never written out
+(cuBLAS's GEMM, an autocast cast of B and the compose kernel before). fp64 keeps that pair.
 """
 
 from typing import Optional
