@@ -235,10 +235,10 @@ def test_forward_kernel_matches_twin_and_fp64(shape_t, d_out, r, bias, dtype, b_
     ax = wide_ax[..., 2:2 + r]  # a strided view: rows r + 3 apart
     B = inputs["B"].to(b_dtype)
     tail = tail_vectors(inputs["m"], inputs["n"], 0.75)
-    assert FL._fused_forward_applies(inputs["base"], ax, B, tail)
+    assert FL._fused_forward_applies(inputs["base"], ax, B, tail) == (dtype != torch.float32)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", _poisoned(real_empty))
-    out = FL._forward(inputs["base"], ax, B, tail, 0.75, inputs["bias"])
+    out = FL._shaped(FL._launch_lora_b_fwd(inputs["base"], ax, B, tail, 0.75, inputs["bias"]), inputs["base"].shape)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert out.shape == inputs["base"].shape and out.dtype == dtype and not torch.isnan(out).any()
     ref = lora_b_compose_reference(inputs["base"], ax, B, inputs["m"], inputs["n"], 0.75, inputs["bias"])
@@ -251,16 +251,16 @@ def test_forward_kernel_matches_twin_and_fp64(shape_t, d_out, r, bias, dtype, b_
 
 
 def test_forward_takes_one_kernel_and_fp64_keeps_the_pair(monkeypatch):
-    """Which forward ran: the one-kernel path for fp32/bf16/fp16 (no lora tensor, no compose launch),
-    the GEMM + compose pair for fp64."""
+    """Which forward ran: the one-kernel path for bf16/fp16 (no lora tensor, no compose launch),
+    the GEMM + compose pair for fp32 and fp64."""
     calls = []
     real_compose, real_gemm = FL._launch_compose_fwd, FL._launch_lora_b_fwd
     monkeypatch.setattr(FL, "_launch_compose_fwd", lambda *a, **k: calls.append("pair") or real_compose(*a, **k))
     monkeypatch.setattr(FL, "_launch_lora_b_fwd", lambda *a, **k: calls.append("one") or real_gemm(*a, **k))
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         inputs = make((5,), 24, 4, dtype, False, seed=3)
         compose_lora_b(**inputs, s=0.5)
-    assert calls == ["one", "one", "pair"]
+    assert calls == ["one", "one", "pair", "pair"]
 
 
 def test_tail_backward_twin_path_where_the_kernel_is_off(monkeypatch):

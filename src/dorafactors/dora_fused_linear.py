@@ -19,7 +19,7 @@ is host-bound on many layers, and that is one launch instead of seven torch ops.
 
 The forward is one kernel too: ``lora = ax·Bᵀ`` accumulated in fp32 over r per output tile, with
 ``g ⊙ (base + s·lora) + bias`` as the GEMM's epilogue, so the LoRA product is never written out
-(cuBLAS's GEMM, an autocast cast of B and the compose kernel before). fp64 keeps that pair.
+(cuBLAS's GEMM, an autocast cast of B and the compose kernel before). fp32 and fp64 activations keep that pair.
 """
 
 from typing import Optional
@@ -326,6 +326,7 @@ def _lora_b_fwd_kernel():
 _fused.register_kernel("lora_b_fwd", _lora_b_fwd_kernel, ["d_out", "r", "T_BUCKET", "HAS_BIAS"],
                        _fused.launch.lora_b_fwd_configs, _fused.launch.prune_lora_b_fwd)
 _GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # The forward as one kernel instead of cuBLAS's lora_B GEMM then the compose kernel: one launch and
@@ -335,10 +336,12 @@ _ONE_KERNEL_FORWARD = True
 
 
 def _fused_forward_applies(base, ax, B, tail) -> bool:
-    """The one-kernel forward takes fp32/bf16/fp16 activations with fp32 tail vectors; fp64 (tests,
-    gradcheck) keeps the GEMM + compose pair."""
-    return (_ONE_KERNEL_FORWARD and ax.dtype in _GEMM_DTYPES and B.dtype in _GEMM_DTYPES and base.dtype in _GEMM_DTYPES
-            and tail.dtype == torch.float32)
+    """The one-kernel forward takes bf16/fp16 activations (tensor-core products) with fp32 tail
+    vectors. fp32 activations keep cuBLAS's GEMM + the compose: the kernel handles them (exact fp32
+    products, tested), but its fp32 dot runs on FMA units and was not timed against cuBLAS's SGEMM;
+    fp64 (tests, gradcheck) keeps the pair too."""
+    return (_ONE_KERNEL_FORWARD and ax.dtype in _HALF_DTYPES and B.dtype in _GEMM_DTYPES
+            and base.dtype in _GEMM_DTYPES and tail.dtype == torch.float32)
 
 
 def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
@@ -351,6 +354,7 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
         return out
     B2 = B if B.stride(1) == 1 else B.contiguous()
     interp = _fused._interpreting()
+    _fused._kernels()  # binds triton / tl
     tl = _fused.tl
     # bf16/fp16 products are exact in fp32 and summed there (tensor cores); fp32 activations multiply in
     # full fp32 ("ieee"), as torch's matmul does with TF32 off. The interpreter multiplies bf16 as raw
@@ -375,7 +379,6 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
 
 def _forward(base, ax, B, tail, s, bias):
     if _fused_forward_applies(base, ax, B, tail):
-        _fused._kernels()  # binds triton / tl
         return _shaped(_launch_lora_b_fwd(base, ax, B, tail, s, bias), base.shape)
     d_out = base.shape[-1]
     lora = _lora_out(ax, B)
