@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
@@ -100,6 +101,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def _dist_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _git(*args: str) -> Optional[str]:
     try:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -133,8 +141,9 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "dorafactors": _version("dorafactors"),
         # optional kernels that change what a model run measures: QLoRA's base, Gated-DeltaNet's layers
-        "bitsandbytes": _version("bitsandbytes"),
-        "flash_linear_attention": _version("fla"),
+        # (read from the installed metadata: importing them here would run their CUDA setup)
+        "bitsandbytes": _dist_version("bitsandbytes"),
+        "flash_linear_attention": _dist_version("flash-linear-attention"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),

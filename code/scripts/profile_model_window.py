@@ -132,8 +132,8 @@ def main() -> int:
         print(f"== {name}: windows {[round(w, 1) for w in windows]} ms, host issue {[round(h, 1) for h in hosts]} ms, "
               f"kernels {busy_us / 1e3:.1f} ms, norm recomputes {norm_recomputes} ==\n{table}\n{cpu_table}")
         report[name] = {"window_ms": sorted(windows)[len(windows) // 2], "windows_ms": windows, "host_issue_ms": hosts,
-                        "kernel_busy_ms": busy_us / 1e3, "norm_recomputes_per_window": norm_recomputes, "cuda_table": table, "cpu_table": cpu_table,
-                        "cprofile": cprofile_text}
+                        "kernel_busy_ms": busy_us / 1e3, "norm_recomputes_per_window": norm_recomputes,
+                        "cuda_table": table, "cpu_table": cpu_table, "cprofile": cprofile_text}
         model.unload()
         del model
     args.out.mkdir(parents=True, exist_ok=True)

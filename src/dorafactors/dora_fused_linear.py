@@ -17,9 +17,9 @@ saved bytes, and two fewer [T, d_out] passes than saving ``v``. What is left ove
 (∂m's two parts summed and scaled, ∂B, the scaled ``B`` for ∂ax) is one small kernel: the step
 is host-bound on many layers, and that is one launch instead of seven torch ops.
 
-The forward is one kernel too: ``lora = ax·Bᵀ`` accumulated in fp32 over r per output tile, with
-``g ⊙ (base + s·lora) + bias`` as the GEMM's epilogue, so the LoRA product is never written out
-(cuBLAS's GEMM, an autocast cast of B and the compose kernel before). fp32 and fp64 activations keep that pair.
+The forward (bf16/fp16 activations) is one kernel too: ``lora = ax·Bᵀ`` accumulated in fp32 over r
+per output tile, with ``g ⊙ (base + s·lora) + bias`` as the GEMM's epilogue, so the LoRA product is
+never written out. fp32 and fp64 activations keep cuBLAS's GEMM followed by the compose kernel.
 """
 
 from typing import Optional
@@ -331,7 +331,8 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 # The forward as one kernel instead of cuBLAS's lora_B GEMM then the compose kernel: one launch and
 # no [T, d_out] lora tensor written and read back. On a host-bound step each launch counts (H100 host,
-# code/results/diagnostics/host_probe_h100_cprofile.json: ~100 µs per F.linear, ~80 µs per direct launch).
+# code/results/diagnostics/host_probe_h100_30619ed_cprofile.json: ~100 µs per F.linear, ~80 µs per
+# direct launch). GPU tests: code/results/gpu_tests/gpu-tests-onefwd_4d1d6ca.txt, gpu-tests_f14083a.txt.
 _ONE_KERNEL_FORWARD = True
 
 
