@@ -34,8 +34,9 @@ def counts(tmp_path_factory):
 
 def test_fused_path_issues_at_most_a_few_ops_more_than_lora(counts):
     lora, fused = counts["lora"]["total"], counts["ours_fused"]["total"]
-    # measured: LoRA 40.9, ours 45.9 (two forwards and one backward, checkpointed, under autocast)
-    assert fused <= lora + 8, (
+    # measured: LoRA 40.9, ours 43.9 with the one-kernel forward (45.9 before it): two forwards and one
+    # backward, checkpointed, under autocast
+    assert fused <= lora + 5, (
         f"fused DoRA issues {fused:.1f} ops per linear vs LoRA's {lora:.1f}: {counts['ours_fused']}")
 
 
