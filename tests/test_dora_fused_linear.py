@@ -250,7 +250,7 @@ def test_forward_kernel_matches_twin_and_fp64(shape_t, d_out, r, bias, dtype, b_
     assert (out.double() - exact).abs().max().item() <= tol * scale, "vs fp64"
 
 
-def test_forward_takes_one_kernel_and_fp64_keeps_the_pair(monkeypatch):
+def test_forward_takes_one_kernel_and_fp32_fp64_keep_the_pair(monkeypatch):
     """Which forward ran: the one-kernel path for bf16/fp16 (no lora tensor, no compose launch),
     the GEMM + compose pair for fp32 and fp64."""
     calls = []
