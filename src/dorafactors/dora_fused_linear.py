@@ -359,7 +359,8 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
     tl = _fused.tl
     # bf16/fp16 products are exact in fp32 and summed there (tensor cores); fp32 activations multiply in
     # full fp32 ("ieee"), as torch's matmul does with TF32 off. The interpreter multiplies bf16 as raw
-    # integers, so there the dot runs in fp32 on the rounded values.
+    # integers, so there the dot runs in fp32 on the rounded values. (A function of ax's dtype and the
+    # mode, both in the tuning key already.)
     dot = tl.float32 if interp or ax.dtype == torch.float32 else (
         tl.bfloat16 if ax.dtype == torch.bfloat16 else tl.float16)
     vec = _fused._vec
@@ -373,8 +374,7 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
     with _fused._on_device(base2):
         _fused._launch_tuned(
             "lora_b_fwd", lambda META: (cdiv(T, META["BLOCK_T"]), cdiv(d_out, META["BLOCK_D"])), args, consts,
-            (d_out, r, t_bucket, bias is not None, base2.dtype, ax2.dtype, B2.dtype, out.dtype,
-             b1.dtype, str(dot)))
+            (d_out, r, t_bucket, bias is not None, base2.dtype, ax2.dtype, B2.dtype, out.dtype, b1.dtype))
     return out
 
 
