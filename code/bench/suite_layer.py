@@ -3,7 +3,8 @@
 layer: time of the inference forward (eval, no_grad) and of forward+backward, the latter twice:
 ``fwd_bwd`` with the adapter parameters changed in place before every repeat (outside the timed
 region, as an optimizer step would: every repeat pays the norm) and ``fwd_bwd_accum`` with the
-parameters left alone (a micro-batch inside a gradient-accumulation window).
+parameters left alone (a micro-batch inside a gradient-accumulation window); on CUDA both again as
+the GPU's busy time alone (``*_device``: kernel durations from torch.profiler, host excluded).
 memory: peak memory above the static footprint per phase, and the adapter parameters' bytes.
 stability: error of output and gradients against an fp64 evaluation of the same weights in the
 near-unity regime (``‖s·B·A‖ = 1e-3·‖W‖``, ``m = n·(1 + 1e-3·ε)``), per DoRA provider and dtype.
@@ -158,6 +159,45 @@ def _time_provider(case: Case, provider: Provider, model, params, xs, dys, ctx, 
                     else "adapter params unchanged between repeats (inside an accumulation window)")
             rec.add(case.sub(phase), name, "time", stats.median, "ms", spread=stats.spread(), note=note)
         zero_grads(params, xs)
+        if device.type == "cuda":
+            _time_device(case, provider, model, params, xs, dys, ctx)
+
+
+def _time_device(case: Case, provider: Provider, model, params, xs, dys, ctx) -> None:
+    """``fwd_bwd_device`` / ``fwd_bwd_accum_device``: the GPU's busy time per step, the sum of the
+    step's kernel (and memset/memcpy) durations from torch.profiler over ``len(xs)`` steps on the
+    rotating inputs. The eager rows time one synchronised call, so a layer whose host work outlasts
+    its kernels is timed by its host; these rows say what the same layer costs the GPU, which is
+    what it costs where the host keeps ahead (large batches, a fast host, CUDA graphs). In
+    ``fwd_bwd_device`` the adapter parameters move in place before every step (a fixed tiny step,
+    ``p += 1e-6·noise``: one elementwise kernel per parameter, counted, the same for every provider),
+    so every step pays its norm as after an optimizer step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, device, rec, name = ctx.cfg, ctx.device, ctx.rec, provider.name
+    noise = [torch.randn_like(p) for p in params]
+    for phase, change in (("fwd_bwd_device", True), ("fwd_bwd_accum_device", False)):
+        zero_grads(params, xs)
+        with provider.active():
+            model.train()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(len(xs)):
+                    if change:
+                        with torch.no_grad():
+                            for p, e in zip(params, noise):
+                                p.add_(e, alpha=1e-6)
+                    with autocast(device, case.dtype, cfg.autocast):
+                        y = model(xs[i])
+                    y.backward(dys[i])
+                torch.cuda.synchronize(device)
+        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+        zero_grads(params, xs)
+        if busy_us <= 0:
+            rec.fail(case.sub(phase), name, "time", "ms", "the profiler recorded no device activity")
+            continue
+        rec.add(case.sub(phase), name, "time", busy_us / 1e3 / len(xs), "ms",
+                note=f"device busy time (sum of kernel durations, torch.profiler) per step over {len(xs)} steps, "
+                     "host excluded" + ("; adapter params moved in place before every step" if change else ""))
 
 
 def run_layer(case: Case, ctx) -> None:

@@ -9,7 +9,8 @@
    cProfile of the launcher, top functions by own time.
 2. Kernel-only time of the compose forward/backward at T=4096 for d_out in {4096, 5120, 8192,
    27648}: each config of the comprehensive list, captured K times into one CUDA graph over
-   rotating inputs (no host gaps, no L2 reuse), bandwidth against a device copy in the same run.
+   rotating inputs (no host gaps, no L2 reuse), bandwidth against a device copy in the same run
+   (1 GiB, and one moving the best config's bytes, timed the same way). ``--kernels-only`` skips 1.
 """
 
 import argparse
@@ -74,6 +75,14 @@ def copy_gbps():
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
     ms = graph_ms(lambda i: dst.copy_(src), 4)
     return 2 * n / (ms * 1e6)
+
+
+def same_size_copy_gbps(nbytes, k):
+    """A copy moving ``nbytes`` (read + write), k rotating buffer pairs, timed like the kernels."""
+    half = nbytes // 2
+    pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda").fill_(i),
+              torch.empty(half, dtype=torch.uint8, device="cuda")) for i in range(k)]
+    return 2 * half / (graph_ms(lambda i: pairs[i][1].copy_(pairs[i][0]), k) * 1e6)
 
 
 def probe_host():
@@ -250,15 +259,58 @@ def probe_kernels(comprehensive, d_outs, T=4096):
                 gbps = bpe * T * d / (ms * 1e6)
                 row = {"d_out": d, "kernel": name, "config": f"T{bt} D{bd} w{c.num_warps} s{c.num_stages}",
                        "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / bw}
+                rows.append(row)
                 if best is None or ms < best["ms"]:
                     best = row
-            best = dict(best, best=True)
-            rows.append(best)
+            best["best"] = True
+            same = same_size_copy_gbps(bpe * T * d, k)
+            best["pct_same_size_copy"] = 100 * best["gbps"] / same
             print(f"d_out {d:6d} {name:26s} best {best['config']:20s} {best['ms']*1e3:7.1f} us "
-                  f"{best['pct_copy']:5.1f}% of copy", flush=True)
+                  f"{best['pct_copy']:5.1f}% of copy, {best['pct_same_size_copy']:5.1f}% of a same-size copy",
+                  flush=True)
         del sets, outs, vs, dbs
         torch.cuda.empty_cache()
     return bw, rows
+
+
+def probe_lora_b_fwd(d_outs, ranks, T=4096):
+    """The fused linear's forward as one kernel (lora_B's GEMM with the compose as its epilogue)
+    against cuBLAS's GEMM followed by the compose kernel, device time (CUDA-graph replay)."""
+    from dorafactors import dora_fused_linear as FL
+
+    rows = []
+    for d in d_outs:
+        for r in ranks:
+            k = max(2, min(8, (4 * 52428800) // (2 * T * d * 2) + 1))
+            base = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(k)]
+            ax = [torch.randn(T, r, device="cuda", dtype=torch.bfloat16) for _ in range(k)]
+            B = torch.randn(d, r, device="cuda") * 0.02
+            m, n = torch.rand(d, device="cuda") + 1, torch.rand(d, device="cuda") + 1
+            tail = FL.tail_vectors(m, n, 0.5)
+            B16 = B.to(torch.bfloat16)
+
+            def one(i):
+                return FL._launch_lora_b_fwd(base[i], ax[i], B, tail, 0.5, None)
+
+            def pair(i):
+                lora = torch.nn.functional.linear(ax[i], B16)
+                return F._launch_compose_fwd(base[i], lora, tail.m, tail.n, 0.5, None, False)[0]
+
+            row = {"d_out": d, "r": r, "T": T}
+            for name, fn in (("one_kernel", one), ("gemm_plus_compose", pair)):
+                try:
+                    row[name + "_ms"] = graph_ms(fn, k)
+                except Exception as e:  # noqa: BLE001
+                    row[name + "_error"] = repr(e)[:200]
+            if "one_kernel_ms" in row and "gemm_plus_compose_ms" in row:
+                row["one_over_pair"] = row["one_kernel_ms"] / row["gemm_plus_compose_ms"]
+                print(f"lora_b fwd d_out {d:6d} r {r:4d}: one kernel {row['one_kernel_ms']*1e3:7.1f} us, "
+                      f"GEMM + compose {row['gemm_plus_compose_ms']*1e3:7.1f} us ({row['one_over_pair']:.2f}x)",
+                      flush=True)
+            rows.append(row)
+            del base, ax
+            torch.cuda.empty_cache()
+    return rows
 
 
 def triton_cdiv(a, b):
@@ -271,19 +323,23 @@ def main():
     p.add_argument("--comprehensive", action="store_true")
     p.add_argument("--d-outs", default="4096,5120,8192,27648")
     p.add_argument("--host-only", action="store_true", help="skip the kernel sweep")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernel sweep")
     a = p.parse_args()
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     import triton
 
     res["triton"] = triton.__version__
-    res["host"] = probe_host()
-    print({k: v for k, v in res["host"].items() if not k.startswith("cprofile")}, flush=True)
-    print(res["host"]["cprofile_lora_b_300_calls"][:1500], flush=True)
-    res["layer"] = probe_layer()
-    print({k: v for k, v in res["layer"].items() if k != "cprofile_ours"}, flush=True)
-    print(res["layer"]["cprofile_ours"][:6000], flush=True)
+    if not a.kernels_only:
+        res["host"] = probe_host()
+        print({k: v for k, v in res["host"].items() if not k.startswith("cprofile")}, flush=True)
+        print(res["host"]["cprofile_lora_b_300_calls"][:1500], flush=True)
+        res["layer"] = probe_layer()
+        print({k: v for k, v in res["layer"].items() if k != "cprofile_ours"}, flush=True)
+        print(res["layer"]["cprofile_ours"][:6000], flush=True)
     if not a.host_only:
-        res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, [int(x) for x in a.d_outs.split(",")])
+        d_outs = [int(x) for x in a.d_outs.split(",")]
+        res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, d_outs)
+        res["lora_b_fwd"] = probe_lora_b_fwd(d_outs, [16, 128, 384, 768])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
 

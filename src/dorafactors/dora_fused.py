@@ -183,6 +183,8 @@ def _kernels() -> Dict[str, object]:
             rows = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             mask = (rows < t_hi)[:, None] & cmask[None, :]
             dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if NEED_DM:  # both loads issued before any store: a store may alias, so none is moved past it
+                w = tl.load(saved_ptr + rows[:, None] * stride_saved + cols[None, :], mask=mask, other=0.0)
             if NEED_DBASE:
                 tl.store(dbase_ptr + rows[:, None] * stride_dbase + cols[None, :],
                          (g[None, :] * dy).to(dbase_ptr.dtype.element_ty), mask=mask)
@@ -190,7 +192,6 @@ def _kernels() -> Dict[str, object]:
                 tl.store(dlora_ptr + rows[:, None] * stride_dlora + cols[None, :],
                          (sg[None, :] * dy).to(dlora_ptr.dtype.element_ty), mask=mask)
             if NEED_DM:
-                w = tl.load(saved_ptr + rows[:, None] * stride_saved + cols[None, :], mask=mask, other=0.0)
                 acc_dm += tl.sum(dy * w.to(ACC), axis=0)
             if NEED_DBIAS:
                 acc_db += tl.sum(dy, axis=0)
@@ -375,6 +376,11 @@ def _vec(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 1 and x.is_contiguous() else x.reshape(-1).contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    # host-side grids: Triton >= 3.7's ``triton.cdiv`` is a constexpr function (~3 µs per call)
+    return -(-a // b)
+
+
 def _t_bucket(T: int) -> int:
     return min(_next_pow2(max(T, 1)), 1 << 16)
 
@@ -404,10 +410,10 @@ def _launch_compose_fwd(
     consts = dict(HAS_BIAS=bias is not None, WRITE_V=bool(write_v), ACC=acc, IS_FP64=is64, **_OPTS)
     with _on_device(base2d):
         if block_t is not None:
-            grid = (triton.cdiv(T, block_t), triton.cdiv(d_out, block_d))
+            grid = (_cdiv(T, block_t), _cdiv(d_out, block_d))
             _kernels()["compose_fwd"][grid](*args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
         else:
-            grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), triton.cdiv(d_out, META["BLOCK_D"]))  # noqa: E731
+            grid = lambda META: (_cdiv(T, META["BLOCK_T"]), _cdiv(d_out, META["BLOCK_D"]))  # noqa: E731
             _launch_tuned("compose_fwd", grid, args, consts,
                           (d_out, args[-1], consts["HAS_BIAS"], consts["WRITE_V"], base2d.dtype, lora2d.dtype,
                            out.dtype, v_arg.dtype, m1.dtype, n1.dtype, b1.dtype))
@@ -444,7 +450,7 @@ def _launch_compose_bwd(
     _kernels()
     acc, is64 = _acc_of(acc_dtype)
     t_chunk = int(t_chunk) if t_chunk is not None else _default_t_chunk(T)
-    n_chunks = triton.cdiv(T, t_chunk)
+    n_chunks = _cdiv(T, t_chunk)
     m1, n1 = _vec(m), _vec(n)
     pdm = torch.empty((n_chunks, d_out), dtype=acc_dtype, device=dev) if need_dm else m1
     pdb = torch.empty((n_chunks, d_out), dtype=acc_dtype, device=dev) if need_dbias else m1
@@ -457,10 +463,10 @@ def _launch_compose_bwd(
                   NEED_DBIAS=bool(need_dbias), ACC=acc, IS_FP64=is64, **_OPTS)
     with _on_device(dy2d):
         if block_t is not None:
-            _kernels()["compose_bwd"][(triton.cdiv(d_out, block_d), n_chunks)](
+            _kernels()["compose_bwd"][(_cdiv(d_out, block_d), n_chunks)](
                 *args, **consts, BLOCK_T=block_t, BLOCK_D=block_d)
         else:
-            grid = lambda META: (triton.cdiv(d_out, META["BLOCK_D"]), n_chunks)  # noqa: E731
+            grid = lambda META: (_cdiv(d_out, META["BLOCK_D"]), n_chunks)  # noqa: E731
             _launch_tuned("compose_bwd", grid, args, consts,
                           (d_out, args[-1], need_dbase, need_dlora, need_dm, need_dbias, t_chunk, acc_dtype)
                           + tuple(t.dtype for t in args[:8]))
@@ -502,9 +508,9 @@ def _launch_norm_assembly(base_sq, U, B, G, s, m, eps, *, n_out=None, g_out=None
     consts = dict(ACC=acc, IS_FP64=is64, DOT=dot, DOT_PRECISION=precision, **_OPTS)
     with _on_device(B):
         if block_d is not None:
-            _kernels()["norm"][(triton.cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
+            _kernels()["norm"][(_cdiv(d_out, block_d),)](*args, **consts, BLOCK_D=block_d, BLOCK_R=block_r)
         else:
-            _launch_tuned("norm", lambda META: (triton.cdiv(d_out, META["BLOCK_D"]),), args, consts,
+            _launch_tuned("norm", lambda META: (_cdiv(d_out, META["BLOCK_D"]),), args, consts,
                           (d_out, r, str(dot)) + tuple(t.dtype for t in args[:7]))
     return n_out, g_out
 

@@ -259,7 +259,7 @@ def _tail_backward(pdm, P, B, tail: "TailVectors", bs_dtype, need_B: bool, need_
     consts = dict(NEED_DM=need_dm, NEED_DB=bool(need_B), NEED_BS=bool(need_Bs),
                   ACC=_fused.tl.float64 if is64 else _fused.tl.float32, IS_FP64=is64)
     blocks = _TAIL_BLOCKS[interp]
-    grid = (_fused.triton.cdiv(d_out, blocks["BLOCK_D"]), 1, 1)
+    grid = (_fused._cdiv(d_out, blocks["BLOCK_D"]), 1, 1)
     with _fused._on_device(B):
         if interp or not _fused.launch.direct_launch_allowed():
             kernel[grid](*args, **consts, **blocks)
@@ -370,7 +370,7 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
     args = (base2, ax2, B2, m1, vec(tail.n), b1, out, T, d_out, r, _fused._row_stride(base2),
             _fused._row_stride(ax2), B2.stride(0), _fused._row_stride(out), float(s), t_bucket)
     consts = dict(HAS_BIAS=bias is not None, DOT=dot, DOT_PRECISION="ieee", **_fused._OPTS)
-    cdiv = _fused.triton.cdiv
+    cdiv = _fused._cdiv
     with _fused._on_device(base2):
         _fused._launch_tuned(
             "lora_b_fwd", lambda META: (cdiv(T, META["BLOCK_T"]), cdiv(d_out, META["BLOCK_D"])), args, consts,
