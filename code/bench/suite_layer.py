@@ -178,22 +178,28 @@ def _time_device(case: Case, provider: Provider, model, params, xs, dys, ctx) ->
     noise = [torch.randn_like(p) for p in params]
     for phase, change in (("fwd_bwd_device", True), ("fwd_bwd_accum_device", False)):
         zero_grads(params, xs)
-        with provider.active():
-            model.train()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for i in range(len(xs)):
-                    if change:
-                        with torch.no_grad():
-                            for p, e in zip(params, noise):
-                                p.add_(e, alpha=1e-6)
-                    with autocast(device, case.dtype, cfg.autocast):
-                        y = model(xs[i])
-                    y.backward(dys[i])
-                torch.cuda.synchronize(device)
-        busy_us = sum(e.self_device_time_total for e in prof.key_averages())
-        zero_grads(params, xs)
+        try:
+            with provider.active():
+                model.train()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for i in range(len(xs)):
+                        if change:
+                            with torch.no_grad():
+                                for p, e in zip(params, noise):
+                                    p.add_(e, alpha=1e-6)
+                        with autocast(device, case.dtype, cfg.autocast):
+                            y = model(xs[i])
+                        y.backward(dys[i])
+                    torch.cuda.synchronize(device)
+            busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+        except Exception as exc:  # noqa: BLE001 - a profiler failure loses these rows, not the suite
+            busy_us, why = 0.0, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "the profiler recorded no device activity"
+        finally:
+            zero_grads(params, xs)
         if busy_us <= 0:
-            rec.fail(case.sub(phase), name, "time", "ms", "the profiler recorded no device activity")
+            rec.fail(case.sub(phase), name, "time", "ms", why)
             continue
         rec.add(case.sub(phase), name, "time", busy_us / 1e3 / len(xs), "ms",
                 note=f"device busy time (sum of kernel durations, torch.profiler) per step over {len(xs)} steps, "
