@@ -263,6 +263,23 @@ def test_forward_takes_one_kernel_and_fp32_fp64_keep_the_pair(monkeypatch):
     assert calls == ["one", "one", "pair", "pair"]
 
 
+def test_forward_above_the_rank_cut_keeps_the_pair(monkeypatch):
+    """Past ``_ONE_KERNEL_MAX_R`` cuBLAS's GEMM outruns the kernel (measured): bf16 then takes the
+    GEMM + compose pair, and both paths give the same output."""
+    calls = []
+    real_compose, real_gemm = FL._launch_compose_fwd, FL._launch_lora_b_fwd
+    monkeypatch.setattr(FL, "_launch_compose_fwd", lambda *a, **k: calls.append("pair") or real_compose(*a, **k))
+    monkeypatch.setattr(FL, "_launch_lora_b_fwd", lambda *a, **k: calls.append("one") or real_gemm(*a, **k))
+    monkeypatch.setattr(FL, "_ONE_KERNEL_MAX_R", 8)
+    compose_lora_b(**make((6,), 20, 8, torch.bfloat16, True, seed=8), s=0.5)
+    rank9 = make((6,), 20, 9, torch.bfloat16, True, seed=9)
+    pair = compose_lora_b(**rank9, s=0.5)
+    monkeypatch.setattr(FL, "_ONE_KERNEL_MAX_R", 9)
+    one = compose_lora_b(**rank9, s=0.5)
+    assert (one.double() - pair.double()).abs().max().item() <= 1e-2 * pair.abs().max().item()
+    assert calls == ["one", "pair", "one"]
+
+
 def test_tail_backward_twin_path_where_the_kernel_is_off(monkeypatch):
     """Compiled mode with the kernel switched off (CUDA's default until its GPU test passed): the
     twin computes exactly what it is asked for, nothing more."""

@@ -334,15 +334,20 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # code/results/diagnostics/host_probe_h100_30619ed_cprofile.json: ~100 µs per F.linear, ~80 µs per
 # direct launch). GPU tests: code/results/gpu_tests/gpu-tests-onefwd_4d1d6ca.txt, gpu-tests_f14083a.txt.
 _ONE_KERNEL_FORWARD = True
+# Up to this rank. Device time on the H100 at T=4096, d_out 4096..27648 (CUDA-graph replay,
+# code/results/diagnostics/kernel_sweep_h100.json): 0.62-0.66x the pair's at r=16, 0.78-0.85x at
+# r=128, but 1.11-1.17x at r=384 and 1.44-1.56x at r=768, where cuBLAS's GEMM outruns the kernel's
+# loop over r by more than the compose pass the kernel saves.
+_ONE_KERNEL_MAX_R = 256
 
 
 def _fused_forward_applies(base, ax, B, tail) -> bool:
     """The one-kernel forward takes bf16/fp16 activations (tensor-core products) with fp32 tail
-    vectors. fp32 activations keep cuBLAS's GEMM + the compose: the kernel handles them (exact fp32
-    products, tested), but its fp32 dot runs on FMA units and was not timed against cuBLAS's SGEMM;
-    fp64 (tests, gradcheck) keeps the pair too."""
-    return (_ONE_KERNEL_FORWARD and ax.dtype in _HALF_DTYPES and B.dtype in _GEMM_DTYPES
-            and base.dtype in _GEMM_DTYPES and tail.dtype == torch.float32)
+    vectors, up to rank ``_ONE_KERNEL_MAX_R``. fp32 activations keep cuBLAS's GEMM + the compose: the
+    kernel handles them (exact fp32 products, tested), but its fp32 dot runs on FMA units and was not
+    timed against cuBLAS's SGEMM; fp64 (tests, gradcheck) keeps the pair too."""
+    return (_ONE_KERNEL_FORWARD and ax.dtype in _HALF_DTYPES and B.shape[1] <= _ONE_KERNEL_MAX_R
+            and B.dtype in _GEMM_DTYPES and base.dtype in _GEMM_DTYPES and tail.dtype == torch.float32)
 
 
 def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
