@@ -288,10 +288,12 @@ def _kernel_variants(F, fwd: bool):
              lambda b, lo, dy, m, n, s: F._launch_compose_fwd(b, lo, m, n, s, None, True)),
         ]
     return [
-        ("fused_kernel_layer", lambda e: 3 * e,  # reads dy, base; writes d_base (+ tiny ∂m partials)
+        # reads dy, base; writes d_base and ∂m's per-chunk partials, which the layer's [d_out, r] tail
+        # kernel sums (so no reduction op here either)
+        ("fused_kernel_layer", lambda e: 3 * e,
          lambda b, lo, dy, m, n, s: F._launch_compose_bwd(
              dy, b, m, n, s, saved_is_out=False, need_dbase=True, need_dlora=False, need_dm=True,
-             need_dbias=False, lora_dtype=dy.dtype, acc_dtype=acc)),
+             need_dbias=False, lora_dtype=dy.dtype, acc_dtype=acc, reduce_dm=False)),
         ("fused_kernel_v32", lambda e: 4 * e + 4,  # reads dy, v (fp32); writes d_base, d_lora
          lambda b, lo, dy, m, n, s: F._launch_compose_bwd(
              dy, lo, m, n, s, saved_is_out=False, need_dbase=True, need_dlora=True, need_dm=True,
