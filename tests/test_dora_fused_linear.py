@@ -250,6 +250,32 @@ def test_forward_kernel_matches_twin_and_fp64(shape_t, d_out, r, bias, dtype, b_
     assert (out.double() - exact).abs().max().item() <= tol * scale, "vs fp64"
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["base-after-loop", "base-prefetched"])
+def test_forward_kernel_base_prefetch_variants(prefetch, monkeypatch):
+    """Both places the kernel may load the base tile (its PREFETCH_BASE config key: before the loop
+    over r, or in the epilogue) give the twin's output, into a poisoned buffer, with a ragged r that
+    takes several BLOCK_R steps."""
+    from triton import Config
+
+    from dorafactors.dora_fused_naive import lora_b_compose_reference
+
+    factory, key, _configs, prune = FL._fused._registered["lora_b_fwd"]
+    config = Config({"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_R": 16, "PREFETCH_BASE": prefetch})
+    monkeypatch.setitem(FL._fused._registered, "lora_b_fwd", (factory, key, lambda *_: [config], prune))
+    monkeypatch.setattr(FL._fused, "_tuned_cache", {})
+    monkeypatch.setattr(FL._fused, "_chosen", {})
+    inputs = make((19,), 40, 37, torch.bfloat16, True, seed=41)
+    tail = tail_vectors(inputs["m"], inputs["n"], 0.5)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", _poisoned(real_empty))
+    out = FL._launch_lora_b_fwd(inputs["base"], inputs["ax"], inputs["B"], tail, 0.5, inputs["bias"])
+    monkeypatch.setattr(torch, "empty", real_empty)
+    ref = lora_b_compose_reference(inputs["base"], inputs["ax"], inputs["B"], inputs["m"], inputs["n"], 0.5,
+                                   inputs["bias"])
+    assert not torch.isnan(out).any()
+    assert (out.double() - ref.double()).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
 def test_forward_takes_one_kernel_and_fp32_fp64_keep_the_pair(monkeypatch):
     """Which forward ran: the one-kernel path for bf16/fp16 (no lora tensor, no compose launch),
     the GEMM + compose pair for fp32 and fp64."""

@@ -324,6 +324,8 @@ def main():
     p.add_argument("--d-outs", default="4096,5120,8192,27648")
     p.add_argument("--host-only", action="store_true", help="skip the kernel sweep")
     p.add_argument("--kernels-only", action="store_true", help="only the kernel sweep")
+    p.add_argument("--lora-b-only", action="store_true",
+                   help="of the kernel sweep, only the one-kernel forward against GEMM + compose")
     a = p.parse_args()
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     import triton
@@ -338,7 +340,8 @@ def main():
         print(res["layer"]["cprofile_ours"][:6000], flush=True)
     if not a.host_only:
         d_outs = [int(x) for x in a.d_outs.split(",")]
-        res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, d_outs)
+        if not a.lora_b_only:
+            res["copy_gbps"], res["kernels"] = probe_kernels(a.comprehensive, d_outs)
         res["lora_b_fwd"] = probe_lora_b_fwd(d_outs, [16, 128, 384, 768])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))

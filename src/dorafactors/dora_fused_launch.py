@@ -63,14 +63,20 @@ def lora_b_fwd_configs(comprehensive: bool, interp: bool) -> list:
 
     Config = triton.Config
     if interp:
-        return [Config({"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_R": 16})]
+        return [Config({"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_R": 16, "PREFETCH_BASE": False})]
+    # PREFETCH_BASE loads the base tile before the loop over r: at high rank the loop is long enough
+    # for that load to hide behind it (the epilogue then only waits for the store)
     if not comprehensive:
-        spec = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 3),
-                (64, 256, 32, 8, 3), (64, 64, 32, 4, 2), (32, 64, 16, 4, 2), (16, 64, 16, 4, 1)]
+        spec = [(128, 128, 32, 8, 3, False), (128, 128, 64, 8, 3, False), (64, 128, 64, 4, 3, False),
+                (128, 64, 32, 4, 3, False), (64, 256, 32, 8, 3, False), (64, 64, 32, 4, 2, False),
+                (32, 64, 16, 4, 2, False), (16, 64, 16, 4, 1, False),
+                (128, 128, 64, 8, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 32, 8, 4, True),
+                (64, 128, 32, 4, 4, True)]
     else:
-        spec = [(t, d, k, w, st) for t in (16, 32, 64, 128) for d in (64, 128, 256) for k in (16, 32, 64)
-                for w in (4, 8) for st in (1, 2, 3, 4) if t * d <= 32768]
-    return [Config({"BLOCK_T": t, "BLOCK_D": d, "BLOCK_R": k}, num_warps=w, num_stages=st) for t, d, k, w, st in spec]
+        spec = [(t, d, k, w, st, pf) for t in (16, 32, 64, 128) for d in (64, 128, 256) for k in (16, 32, 64)
+                for w in (4, 8) for st in (1, 2, 3, 4) for pf in (False, True) if t * d <= 32768]
+    return [Config({"BLOCK_T": t, "BLOCK_D": d, "BLOCK_R": k, "PREFETCH_BASE": pf}, num_warps=w, num_stages=st)
+            for t, d, k, w, st, pf in spec]
 
 
 def prune_lora_b_fwd(configs, named_args, **kwargs):

@@ -290,7 +290,7 @@ def _lora_b_fwd_kernel():
     def _lora_b_compose_fwd_kernel(
         base_ptr, ax_ptr, B_ptr, m_ptr, n_ptr, bias_ptr, out_ptr,
         T, d_out, r, stride_base, stride_ax, stride_b, stride_out, s, T_BUCKET,
-        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BASE: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
@@ -299,6 +299,10 @@ def _lora_b_fwd_kernel():
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < T
         cmask = cols < d_out
+        mask = rmask[:, None] & cmask[None, :]
+        base_ptrs = base_ptr + rows[:, None] * stride_base + cols[None, :]
+        if PREFETCH_BASE:  # issued before the loop over r, so its latency hides behind the products
+            b = tl.load(base_ptrs, mask=mask, other=0.0)
         lora = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, r, BLOCK_R):
             ks = k0 + tl.arange(0, BLOCK_R)
@@ -313,9 +317,9 @@ def _lora_b_fwd_kernel():
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         n = tl.load(n_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         g = tl.div_rn(m, n)
-        mask = rmask[:, None] & cmask[None, :]
-        b = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = g[None, :] * (b + s * lora)
+        if not PREFETCH_BASE:
+            b = tl.load(base_ptrs, mask=mask, other=0.0)
+        out = g[None, :] * (b.to(tl.float32) + s * lora)
         if HAS_BIAS:
             out += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
