@@ -296,20 +296,28 @@ def probe_lora_b_fwd(d_outs, ranks, T=4096):
                 lora = torch.nn.functional.linear(ax[i], B16)
                 return F._launch_compose_fwd(base[i], lora, tail.m, tail.n, 0.5, None, False)[0]
 
+            def one_b16(i):  # B already in the activation dtype (cast once outside)
+                return FL._launch_lora_b_fwd(base[i], ax[i], B16, tail, 0.5, None)
+
             row = {"d_out": d, "r": r, "T": T}
-            for name, fn in (("one_kernel", one), ("gemm_plus_compose", pair)):
+            for name, fn in (("one_kernel", one), ("one_kernel_bf16_B", one_b16), ("gemm_plus_compose", pair)):
                 try:
                     row[name + "_ms"] = graph_ms(fn, k)
                 except Exception as e:  # noqa: BLE001
                     row[name + "_error"] = repr(e)[:200]
             if "one_kernel_ms" in row and "gemm_plus_compose_ms" in row:
                 row["one_over_pair"] = row["one_kernel_ms"] / row["gemm_plus_compose_ms"]
-                print(f"lora_b fwd d_out {d:6d} r {r:4d}: one kernel {row['one_kernel_ms']*1e3:7.1f} us, "
+                print(f"lora_b fwd d_out {d:6d} r {r:4d}: one kernel {row['one_kernel_ms']*1e3:7.1f} us "
+                      f"(bf16 B {row.get('one_kernel_bf16_B_ms', float('nan'))*1e3:7.1f}), "
                       f"GEMM + compose {row['gemm_plus_compose_ms']*1e3:7.1f} us ({row['one_over_pair']:.2f}x)",
                       flush=True)
             rows.append(row)
             del base, ax
             torch.cuda.empty_cache()
+    for key, config in F._chosen.items():
+        if key[0] == "lora_b_fwd":
+            rows.append({"chosen_for": repr(key[3][:3] + key[3][4:8]), "config": repr(config)})
+            print("chosen", key[3][:3], key[3][5:7], config, flush=True)
     return rows
 
 
