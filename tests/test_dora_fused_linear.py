@@ -276,6 +276,30 @@ def test_forward_kernel_base_prefetch_variants(prefetch, monkeypatch):
     assert (out.double() - ref.double()).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
+def test_forward_kernel_casting_b_first_is_bit_identical(monkeypatch):
+    """From ``_CAST_B_MIN_R`` the kernel reads B cast to the activation dtype beforehand instead of
+    rounding each tile itself: the same rounding (round-to-nearest-even, as autocast's), so on a GPU
+    the same bits. Triton's interpreter truncates fp32 -> bf16 instead, so on the CPU only the cast
+    path rounds B as autocast does and the two agree to one rounding of B."""
+    inputs = make((23,), 33, 20, torch.bfloat16, True, seed=17)
+    tail = tail_vectors(inputs["m"], inputs["n"], 0.5)
+    B32 = torch.randn(33, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 0.3  # PEFT's fp32 B
+    args = (inputs["base"], inputs["ax"], B32, tail, 0.5, inputs["bias"])
+    monkeypatch.setattr(FL, "_CAST_B_MIN_R", 1 << 20)
+    in_kernel = FL._launch_lora_b_fwd(*args)
+    monkeypatch.setattr(FL, "_CAST_B_MIN_R", 16)
+    casts = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: casts.append(a) or real_to(t, *a, **k))
+    cast_first = FL._launch_lora_b_fwd(*args)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert (torch.bfloat16,) in casts, "B was not cast before the launch"
+    if FL._fused._interpreting():
+        assert (in_kernel.float() - cast_first.float()).abs().max().item() <= 1e-2 * cast_first.abs().max().item()
+    else:
+        assert torch.equal(in_kernel, cast_first)
+
+
 def test_forward_takes_one_kernel_and_fp32_fp64_keep_the_pair(monkeypatch):
     """Which forward ran: the one-kernel path for bf16/fp16 (no lora tensor, no compose launch),
     the GEMM + compose pair for fp32 and fp64."""

@@ -312,7 +312,7 @@ def _lora_b_fwd_kernel():
             bt = tl.load(B_ptr + cols[None, :] * stride_b + ks[:, None], mask=kmask[:, None] & cmask[None, :],
                          other=0.0)
             # B multiplies in ax's dtype, as autocast's linear would: rounded there first
-            bt = bt.to(ax_ptr.dtype.element_ty)
+            bt = bt.to(ax_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
             lora = tl.dot(a.to(DOT), bt.to(DOT), lora, input_precision=DOT_PRECISION)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         n = tl.load(n_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
@@ -338,11 +338,16 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # code/results/diagnostics/host_probe_h100_30619ed_cprofile.json: ~100 µs per F.linear, ~80 µs per
 # direct launch). GPU tests: code/results/gpu_tests/gpu-tests-onefwd_4d1d6ca.txt, gpu-tests_f14083a.txt.
 _ONE_KERNEL_FORWARD = True
-# Up to this rank. Device time on the H100 at T=4096, d_out 4096..27648 (CUDA-graph replay,
-# code/results/diagnostics/kernel_sweep_h100.json): 0.62-0.66x the pair's at r=16, 0.78-0.85x at
-# r=128, but 1.11-1.17x at r=384 and 1.44-1.56x at r=768, where cuBLAS's GEMM outruns the kernel's
-# loop over r by more than the compose pass the kernel saves.
-_ONE_KERNEL_MAX_R = 256
+# From this rank the kernel reads B already in the activation dtype (one cast per forward, the
+# rounding the kernel would do anyway: bit-identical output). Converting an fp32 B tile inside the
+# loop over r stalls the kernel's pipelined loads: on the H100 (T=4096, CUDA-graph replay) it took
+# 1.11-1.21x the pair's time at r=384 and 1.5x at r=768 with fp32 B; with B cast first, 0.75x and 0.90x
+# (d_out 4096 and 27648; code/results/diagnostics/lora_b_fwd_b16_h100.json). At r=16 the two read
+# alike (34.7 vs 34.2 µs), so small ranks skip the cast's launch.
+_CAST_B_MIN_R = 64
+# Up to this rank (measured to r=768, where the kernel took 0.90x the pair's time and the gap was
+# closing; larger ranks keep cuBLAS's GEMM + the compose).
+_ONE_KERNEL_MAX_R = 1024
 
 
 def _fused_forward_applies(base, ax, B, tail) -> bool:
@@ -363,6 +368,8 @@ def _launch_lora_b_fwd(base, ax, B, tail, s, bias):
     if T == 0 or d_out == 0:
         return out
     B2 = B if B.stride(1) == 1 else B.contiguous()
+    if B2.dtype != ax2.dtype and r >= _CAST_B_MIN_R:
+        B2 = B2.to(ax2.dtype)
     interp = _fused._interpreting()
     _fused._kernels()  # binds triton / tl
     tl = _fused.tl
