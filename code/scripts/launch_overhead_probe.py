@@ -263,6 +263,21 @@ def probe_kernels(comprehensive, d_outs, T=4096):
                 if best is None or ms < best["ms"]:
                     best = row
             best["best"] = True
+            if name in ("fwd", "bwd_dbase_dm(base)"):  # the library's own launcher: autotuned pick, direct launch
+                if name == "fwd":
+                    def tuned(i):
+                        return F._launch_compose_fwd(sets[i][0], sets[i][1], m, n, 0.5, None, False)
+                else:
+                    def tuned(i):
+                        return F._launch_compose_bwd(sets[i][0], sets[i][1], m, n, 0.5, saved_is_out=False,
+                                                     need_dbase=True, need_dlora=False, need_dm=True,
+                                                     need_dbias=False, lora_dtype=torch.bfloat16,
+                                                     acc_dtype=torch.float32, reduce_dm=False)
+                tuned_ms = graph_ms(tuned, k)
+                picks = [repr(v) for key, v in F._chosen.items()
+                         if key[0] == ("compose_fwd" if name == "fwd" else "compose_bwd") and key[3][0] == d]
+                best["launcher_ms"], best["launcher_picks"] = tuned_ms, picks
+                print(f"d_out {d:6d} {name:26s} launcher {tuned_ms*1e3:7.1f} us, picked {picks}", flush=True)
             same = same_size_copy_gbps(bpe * T * d, k)
             best["pct_same_size_copy"] = 100 * best["gbps"] / same
             print(f"d_out {d:6d} {name:26s} best {best['config']:20s} {best['ms']*1e3:7.1f} us "
