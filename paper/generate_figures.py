@@ -26,7 +26,8 @@ Figures (each title names the GPU and dtype the data came from):
   (the roofline of a memory-bound elementwise kernel);
 - ``fused_kernels_bandwidth``: the fused kernels' fraction of copy bandwidth (fused_check JSON);
 - ``layer_speedup``: one adapted linear, forward / forward+backward / forward+backward inside an
-  accumulation window: speedup against the reference (PEFT 0.18.0 DoRA) and time / LoRA time;
+  accumulation window / forward+backward as GPU busy time (where the run has it): speedup against
+  the reference (PEFT 0.18.0 DoRA) and time / LoRA time, from one GPU and dtype (bf16 first);
 - ``model_speedup``: whole-model inference and gradient (one accumulation window) speedups
   against the reference, per model and rank;
 - ``model_memory``: whole-model peak extra memory per provider;
@@ -361,13 +362,26 @@ def _config_key(s):
     return (s["d_in"] * s["d_out"], s["d_out"], s["d_in"], s["r"])
 
 
+def _one_source(rows, prefer_dtype="bf16"):
+    """The rows of one (GPU, dtype): lines joining points of different GPUs or dtypes mean nothing.
+    bf16 first (what users train in), then the source with the most rows."""
+    counts = {}
+    for r in rows:
+        key = (r["_gpu"], r["dtype"])
+        counts[key] = counts.get(key, 0) + 1
+    gpu, dtype = min(counts, key=lambda k: (k[1] != prefer_dtype, -counts[k], k))
+    return [r for r in rows if r["_gpu"] == gpu and r["dtype"] == dtype]
+
+
 def fig_layer(res, out, png):
     rows = res.select(suite="layer", metric="time")
     if not rows:
         raise Missing("no 'layer' suite time rows")
-    cases = [c for c in ("fwd", "fwd_bwd", "fwd_bwd_accum") if any(r["case"] == c for r in rows)]
+    rows = _one_source(rows)
+    cases = [c for c in ("fwd", "fwd_bwd", "fwd_bwd_accum", "fwd_bwd_device") if any(r["case"] == c for r in rows)]
     titles = {"fwd": "forward (inference, no_grad)", "fwd_bwd": "forward+backward",
-              "fwd_bwd_accum": "forward+backward inside an accumulation window"}
+              "fwd_bwd_accum": "forward+backward inside an accumulation window",
+              "fwd_bwd_device": "forward+backward, GPU busy time only (host excluded)"}
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 2.9 * len(cases) + 1.0), squeeze=False)
     for i, case in enumerate(cases):
         sub = [r for r in rows if r["case"] == case]
