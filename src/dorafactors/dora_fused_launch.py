@@ -64,8 +64,9 @@ def lora_b_fwd_configs(comprehensive: bool, interp: bool) -> list:
     Config = triton.Config
     if interp:
         return [Config({"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_R": 16, "PREFETCH_BASE": False})]
-    # PREFETCH_BASE loads the base tile before the loop over r: at high rank the loop is long enough
-    # for that load to hide behind it (the epilogue then only waits for the store)
+    # PREFETCH_BASE loads the base tile before the loop over r, where its latency can hide behind the
+    # products; the autotuner took it for some r >= 128 shapes on the H100 and the epilogue load elsewhere
+    # (diagnostics/lora_b_fwd_b16_h100.json)
     if not comprehensive:
         spec = [(128, 128, 32, 8, 3, False), (128, 128, 64, 8, 3, False), (64, 128, 64, 4, 3, False),
                 (128, 64, 32, 4, 3, False), (64, 256, 32, 8, 3, False), (64, 64, 32, 4, 2, False),

@@ -345,9 +345,10 @@ _ONE_KERNEL_FORWARD = True
 # (d_out 4096 and 27648; code/results/diagnostics/lora_b_fwd_b16_h100.json). At r=16 the two read
 # alike (34.7 vs 34.2 µs), so small ranks skip the cast's launch.
 _CAST_B_MIN_R = 64
-# Up to this rank (measured to r=768, where the kernel took 0.90x the pair's time and the gap was
-# closing; larger ranks keep cuBLAS's GEMM + the compose).
-_ONE_KERNEL_MAX_R = 1024
+# Up to this rank. Cast included, the kernel takes 0.62-0.67x the pair's time at r=16..128, 0.81-0.83x
+# at r=384 and 0.97-1.00x at r=768 (d_out 4096..8192; diagnostics/kernel_sweep_launcher_h100.json),
+# where it still saves a launch; past r=768 the pair's cuBLAS GEMM would pull ahead.
+_ONE_KERNEL_MAX_R = 768
 
 
 def _fused_forward_applies(base, ax, B, tail) -> bool:
