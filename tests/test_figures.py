@@ -123,3 +123,22 @@ def test_training_figure_no_runs(tmp_path):
                    "--out", str(tmp_path))
     assert rc != 0
     assert "no convergence runs found" in out
+
+
+def test_layer_figure_draws_one_gpu_and_dtype():
+    """Lines that join points of different GPUs or dtypes mean nothing: the layer figure keeps one
+    source, bf16 first, then the one with the most rows."""
+    sys.path.insert(0, PAPER)
+    try:
+        import generate_figures as gf
+    finally:
+        sys.path.remove(PAPER)
+
+    def rows(gpu, dtype, count):
+        return [{"_gpu": gpu, "dtype": dtype, "i": i} for i in range(count)]
+
+    mixed = rows("H200", "fp32", 9) + rows("H100", "bf16", 3) + rows("H200", "bf16", 5)
+    kept = gf._one_source(mixed)
+    assert {(r["_gpu"], r["dtype"]) for r in kept} == {("H200", "bf16")} and len(kept) == 5
+    no_bf16 = rows("H100", "fp16", 2) + rows("H100", "fp32", 4)
+    assert {r["dtype"] for r in gf._one_source(no_bf16)} == {"fp32"}
