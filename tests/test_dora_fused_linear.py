@@ -219,6 +219,31 @@ def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monk
         assert (got.double() - exact).abs().max().item() <= tol * scale, f"{name} vs fp64"
 
 
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16], ids=["B32", "B16b"])
+def test_tail_backward_writes_dB_over_a_consumed_P(b_dtype, monkeypatch):
+    """consume_P: ∂B lands in P's own buffer when the dtypes match (one [d_out, r] buffer fewer at the
+    backward's peak), with the values of the twin computed from the untouched P; otherwise a new one."""
+    from dorafactors.dora_fused_naive import lora_b_tail_backward_reference
+
+    gen = torch.Generator().manual_seed(41)
+    d_out, r = 45, 21
+    n = torch.rand(d_out, generator=gen, dtype=torch.float64).to(DEVICE) + 0.5
+    tail = tail_vectors((n * 1.1).float(), n.float(), 0.75)
+    P = torch.randn(d_out, r, generator=gen).to(DEVICE)
+    B = torch.randn(d_out, r, generator=gen).to(DEVICE).to(b_dtype)
+    pdm = torch.randn(3, d_out, generator=gen).to(DEVICE)
+    ref = lora_b_tail_backward_reference(pdm, P, B, tail.sg, tail.s_over_n, tail.n, torch.bfloat16)
+    monkeypatch.setattr(FL, "_TAIL_KERNEL_ON_CUDA", True)
+    given = P.clone()
+    d_m, dB, Bs = FL._tail_backward(pdm, given, B, tail, torch.bfloat16, True, True, consume_P=True)
+    assert (dB.data_ptr() == given.data_ptr()) == (b_dtype == torch.float32)
+    for name, got, want in (("d_m", d_m, ref[0]), ("dB", dB, ref[1]), ("Bs", Bs, ref[2])):
+        assert got.dtype == want.dtype
+        tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol * want.double().abs().max().item(), f"{name}: max err {err:.3g}"
+
+
 @pytest.mark.parametrize("dtype,b_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.float32, 1e-2),
                                          (torch.bfloat16, torch.bfloat16, 1e-2), (torch.float16, torch.float32, 2e-3)],
                          ids=["fp32", "bf16-B32", "bf16", "fp16-B32"])
