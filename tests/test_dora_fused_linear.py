@@ -219,6 +219,39 @@ def test_tail_backward_kernel_matches_twin(d_out, r, chunks, b_dtype, need, monk
         assert (got.double() - exact).abs().max().item() <= tol * scale, f"{name} vs fp64"
 
 
+@pytest.mark.parametrize("m_dtype", [torch.float32, torch.bfloat16], ids=["m32", "m16b"])
+@pytest.mark.parametrize("d_out", [1, 37, 2500])  # 2500: three programs, the last one ragged
+def test_tail_vectors_kernel_matches_its_torch_ops(d_out, m_dtype, monkeypatch):
+    """The one-launch TailVectors (m, n, s·m/n, s/n) against the same arithmetic in torch ops and fp64;
+    its buffer poisoned first, and the kernel asserted to have run."""
+    gen = torch.Generator().manual_seed(d_out)
+    n = (torch.rand(d_out, generator=gen) + 0.5).to(DEVICE)
+    m = (n * (1 + 0.1 * torch.randn(d_out, generator=gen).to(DEVICE))).to(m_dtype)
+    s = 0.3  # not a power of two: sg and s/n round
+    launched = []
+    real_launch = FL._launch_tail_vectors
+    monkeypatch.setattr(FL, "_launch_tail_vectors", lambda *a: launched.append(1) or real_launch(*a))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", _poisoned(real_empty))
+    got = tail_vectors(m, n, s)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert launched == [1]
+    monkeypatch.setattr(FL, "_tail_vectors_kernel_applies", lambda n: False)
+    ops = tail_vectors(m, n, s)
+    m64, n64 = m.double(), n.double()
+    exact = {"m": m64, "n": n64, "sg": (m64 / n64 * s)[:, None], "s_over_n": s / n64}
+    for name, want in exact.items():
+        k, t = getattr(got, name), getattr(ops, name)
+        assert k.dtype == t.dtype == torch.float32 and k.shape == t.shape == want.shape, name
+        assert not torch.isnan(k).any(), f"{name}: unwritten elements"
+        assert torch.equal(k, t), f"{name}: kernel differs from the torch ops"
+        assert (k.double() - want).abs().max().item() <= 1e-6 * want.abs().max().item(), f"{name} vs fp64"
+    m_before = m.clone()
+    with torch.no_grad():
+        m.mul_(2)  # an optimizer step after the forward: the vectors keep their own copy of m
+    assert torch.equal(got.m, m_before.float())
+
+
 @pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16], ids=["B32", "B16b"])
 def test_tail_backward_writes_dB_over_a_consumed_P(b_dtype, monkeypatch):
     """consume_P: ∂B lands in P's own buffer when the dtypes match (one [d_out, r] buffer fewer at the

@@ -168,20 +168,25 @@ def factored_row_norm(
         # low_cpu_mem_usage: shapes only, the real weights arrive later with load_state_dict
         return torch.empty(d_out, dtype=acc, device="meta")
     with _autocast_off(device):
-        A = lora_A.detach().to(device)
-        B = lora_B.detach().to(device=device, dtype=acc)
+        # no_grad already: no detach; and no op where device and dtype already fit (this runs after
+        # every optimizer step for every adapted linear, on a step that is often host-bound)
         gemm = _gemm_dtype(weight, lora_A)
-        A_g = A.to(gemm)
+        A_g = lora_A if lora_A.device == device and lora_A.dtype == gemm else lora_A.to(device=device, dtype=gemm)
+        B = lora_B if lora_B.device == device and lora_B.dtype == acc else lora_B.to(device=device, dtype=acc)
         if base_sq is None:
             base_sq = base_row_sq(weight.detach(), chunk_bytes)
         step = _rows_per_chunk(d_in, chunk_bytes)
-        G = A_g @ A_g.T  # [r, r]
+        A_gT = A_g.t()
+        G = torch.mm(A_g, A_gT)  # [r, r]
         if eps > 0 and _norm_kernel_applies(weight, gemm):
-            # U = W Aᵀ [d_out, r] in bounded row chunks, then one Triton pass assembles
-            # base + cross + Gram terms, the clamp and the sqrt
-            U = torch.empty(d_out, r, dtype=gemm, device=device)
-            for start in range(0, d_out, step):
-                torch.matmul(weight[start : start + step].detach(), A_g.T, out=U[start : start + step])
+            # U = W Aᵀ [d_out, r] (a quantized W in bounded row chunks), then one Triton pass
+            # assembles base + cross + Gram terms, the clamp and the sqrt
+            if isinstance(weight, torch.Tensor):
+                U = torch.mm(weight, A_gT)  # a view of W in, [d_out, r] out: no W-sized temporary
+            else:
+                U = torch.empty(d_out, r, dtype=gemm, device=device)
+                for start in range(0, d_out, step):
+                    torch.matmul(weight[start : start + step].detach(), A_gT, out=U[start : start + step])
             from .dora_fused import norm_assembly_trusted
 
             n, _ = norm_assembly_trusted(base_sq, U, B, G, float(scaling), base_sq, eps)

@@ -67,13 +67,21 @@ class TailVectors:
     ``m`` and ``n`` for the kernels, ``sg = s·m/n`` (as a [d_out, 1] column) and ``s_over_n = s/n``
     for the backward's scales of ∂B, ∂(A·x) and ∂m. Built once per norm and magnitude (the layer
     caches it), then handed to every forward as a constant: no per-call casts or slicing, and
-    nothing for autograd (or a checkpoint's hooks) to save."""
+    nothing for autograd (or a checkpoint's hooks) to save.
+
+    fp32 vectors where the kernels run (CUDA outside torch.compile, or the interpreter) come from one
+    small kernel writing all four rows of one buffer; elsewhere from the same arithmetic in torch ops
+    (about a dozen host ops, paid after every optimizer step by every adapted linear)."""
 
     __slots__ = ("m", "n", "sg", "s_over_n")
 
     def __init__(self, m: torch.Tensor, n: torch.Tensor, s: float) -> None:
         acc = torch.float64 if torch.float64 in (m.dtype, n.dtype) else torch.float32
         with torch.no_grad():
+            if acc == torch.float32 and _tail_vectors_kernel_applies(n):
+                self.m, self.n, sg, self.s_over_n = _launch_tail_vectors(m, n, s).unbind(0)
+                self.sg = sg.unsqueeze(1)
+                return
             self.m = m.detach().reshape(-1).to(acc, copy=True)
             self.n = n.detach().reshape(-1).to(acc, copy=True)
             self.sg = (self.m / self.n * s)[:, None]
@@ -82,6 +90,59 @@ class TailVectors:
     @property
     def dtype(self) -> torch.dtype:
         return self.n.dtype
+
+
+def _tail_vectors_kernel_applies(n: torch.Tensor) -> bool:
+    # a functorch transform's wrapped tensors (and dynamo's fakes) have no storage for a kernel
+    if _functorch_active() or torch.compiler.is_compiling():
+        return False
+    return _fused._interpreting() or (n.is_cuda and _TAIL_KERNEL_ON_CUDA)
+
+
+_TAIL_VECTORS_BLOCK = 1024
+
+
+def _launch_tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Tensor:
+    """[4, d_out] fp32 rows ``m``, ``n``, ``s·m/n``, ``s/n``: one launch (what :class:`TailVectors` holds)."""
+    m1, n1 = _fused._vec(m.detach()), _fused._vec(n.detach())
+    d_out = n1.numel()
+    out = torch.empty((4, d_out), dtype=torch.float32, device=n1.device)
+    if d_out == 0:
+        return out
+    kernel = _tail_vectors_kernel()
+    grid = (_fused._cdiv(d_out, _TAIL_VECTORS_BLOCK), 1, 1)
+    args, consts = (m1, n1, out, d_out, float(s)), dict(BLOCK=_TAIL_VECTORS_BLOCK)
+    with _fused._on_device(n1):
+        if _fused._interpreting() or not _fused.launch.direct_launch_allowed():
+            kernel[grid](*args, **consts)
+        else:
+            _fused.launch.launch_direct(kernel, ("tail_vectors", m1.dtype, n1.dtype), grid, args, {}, consts)
+    return out
+
+
+def _tail_vectors_kernel():
+    mode = _fused._interpreting()
+    if mode not in _tail_vectors_kernels:
+        _fused._load_triton()
+        triton, tl = _fused.triton, _fused.tl
+
+        @triton.jit
+        def _tail_vectors_fwd_kernel(m_ptr, n_ptr, out_ptr, d_out, s, BLOCK: tl.constexpr):
+            # the arithmetic of TailVectors' torch ops, in fp32: sg = (m / n)·s, s/n = (1 / n)·s
+            cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < d_out
+            m = tl.load(m_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            n = tl.load(n_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+            tl.store(out_ptr + cols, m, mask=mask)
+            tl.store(out_ptr + d_out + cols, n, mask=mask)
+            tl.store(out_ptr + 2 * d_out + cols, tl.div_rn(m, n) * s, mask=mask)
+            tl.store(out_ptr + 3 * d_out + cols, tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), n) * s, mask=mask)
+
+        _tail_vectors_kernels[mode] = _tail_vectors_fwd_kernel
+    return _tail_vectors_kernels[mode]
+
+
+_tail_vectors_kernels: dict = {}
 
 
 def tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> TailVectors:
