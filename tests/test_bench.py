@@ -450,3 +450,37 @@ def test_window_ab_smoke_writes_agreement_and_ratios(tmp_path):
     assert entry["agreement"] == {"plain_vs_plain": 0.0, "both": 0.0}
     assert set(entry["median_ms"]) == {"lora", "plain", "both"}
     assert entry["ratio_vs_lora"]["lora"] == 1.0 and entry["ratio_vs_lora"]["both"] > 0
+
+
+def test_nested_peak_memory_windows_keep_the_outer_peak(monkeypatch):
+    """A step's window holding a forward and a backward window reports the forward's peak, not only
+    what lives at the backward's start plus the backward's peak (the inner windows reset the
+    allocator's peak statistic). Simulated allocator: no GPU needed."""
+    from bench import memory
+
+    sim = {"allocated": 100, "peak": 100}
+
+    def alloc(nbytes):
+        sim["allocated"] += nbytes
+        sim["peak"] = max(sim["peak"], sim["allocated"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: sim["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: sim["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: sim.update(peak=sim["allocated"]))
+    device = torch.device("cuda")
+    with memory.PeakMemory(device) as step:
+        with memory.PeakMemory(device) as fwd:
+            alloc(90)   # the forward's transient peak
+            alloc(-60)  # 30 kept for the backward
+        with memory.PeakMemory(device) as bwd:
+            alloc(20)
+            alloc(-20)
+    assert (fwd.peak_extra, bwd.peak_extra) == (90, 20)
+    assert step.peak_extra == 90  # not 30 + 20
+    with memory.PeakMemory(device) as window:
+        alloc(50)
+        alloc(-50)
+        window.restart()  # a restart drops the window's own earlier peak on purpose
+        alloc(10)
+    assert window.peak_extra == 10 and not memory._open_windows

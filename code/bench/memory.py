@@ -40,16 +40,34 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+_open_windows: list = []  # the PeakMemory windows entered and not yet exited, outermost first
+
+
+def _reset_peak(device: torch.device, restarting: Optional["PeakMemory"]) -> None:
+    """Reset the allocator's peak, first folding the peak so far into every other open window: a
+    window nested in another (a step's forward inside the step) must not erase the outer one's
+    peak (it did: a layer step's figure then missed its forward's peak)."""
+    current = int(torch.cuda.max_memory_allocated(device))
+    for window in _open_windows:
+        if window is not restarting and window.device == device:
+            window._seen = max(window._seen, current)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 class PeakMemory:
-    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_extra`` (bytes, or ``None`` on CPU)."""
+    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_extra`` (bytes, or ``None`` on CPU).
+
+    Windows nest: an inner window's start does not hide the outer window's earlier peak."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.static: Optional[int] = None
         self.start: Optional[int] = None
         self.peak: Optional[int] = None
+        self._seen = 0
 
     def __enter__(self) -> "PeakMemory":
+        _open_windows.append(self)
         self.restart()
         self.start = self.static
         return self
@@ -59,12 +77,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.static = int(torch.cuda.memory_allocated(self.device))
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._seen = 0
+            _reset_peak(self.device, self)
 
     def __exit__(self, *exc) -> None:
+        if self in _open_windows:
+            _open_windows.remove(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.peak = max(self._seen, int(torch.cuda.max_memory_allocated(self.device)))
 
     @property
     def peak_extra(self) -> Optional[int]:
