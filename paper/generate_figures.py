@@ -229,6 +229,7 @@ def fig_norm(res, out, png):
     rows = res.select(suite="norm")
     if not rows:
         raise Missing("no 'norm' suite rows (run bench_dora_comprehensive.py --suite norm)")
+    rows = _one_source(rows)  # one GPU and dtype: a point per (case, provider, shape)
     series = [(c, p) for c in ("row_norm", "row_norm_as_forward")
               for p in _providers_in([r for r in rows if r["case"] == c])]
     shapes = sorted({(r["shape"]["d_in"], r["shape"]["d_out"]) for r in rows},
@@ -280,14 +281,26 @@ def fig_norm(res, out, png):
     return _save(fig, out, "norm_time_memory", png)
 
 
-def fig_compose(res, out, png):
+def _compose_rows(res):
+    """(whole-call rows, kernel-only rows, copy rows) of the compose suite, all of one GPU and dtype
+    (bf16 first): a line or a roofline from another run would mean nothing beside them."""
     rows = res.select(suite="compose", metric="bandwidth")
-    copy = [r for r in rows if r["case"] == "copy_bandwidth"]
-    rows = [r for r in rows if r["case"] in ("fwd", "bwd")]
-    if not rows:
+    calls = [r for r in rows if r["case"] in ("fwd", "bwd")]
+    if not calls:
         raise Missing("no 'compose' suite bandwidth rows")
+    calls = _one_source(calls)
+    source = (calls[0]["_gpu"], calls[0]["dtype"])
+
+    def same(rs):
+        return [r for r in rs if (r["_gpu"], r["dtype"]) == source]
+
     # kernel-only rows (CUDA-graph replay, bytes actually moved), where the run recorded them
-    kernel_rows = [r for r in res.select(suite="compose", metric="kernel_bandwidth") if r["case"] in ("fwd", "bwd")]
+    kernel = [r for r in res.select(suite="compose", metric="kernel_bandwidth") if r["case"] in ("fwd", "bwd")]
+    return calls, same(kernel), same([r for r in rows if r["case"] == "copy_bandwidth"])
+
+
+def fig_compose(res, out, png):
+    rows, kernel_rows, copy = _compose_rows(res)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, case, passes in zip(axes, ("fwd", "bwd"), (3, 5)):
         sub = [r for r in rows if r["case"] == case]

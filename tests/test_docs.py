@@ -186,7 +186,7 @@ def test_configuration_page_is_generated_from_the_code():
     for field in dataclasses.fields(env.DoraEnvConfig):
         assert f"`{field.name}`" in text
     index = (DOCS / "index.md").read_text()
-    for name in ("bench-layer", "bench-fused"):
+    for name in ("bench-layer", "bench-kernels"):
         assert f"<!-- BEGIN GENERATED {name} source=" in index, f"index.md lost its generated section {name}"
 
 

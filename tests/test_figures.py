@@ -142,3 +142,30 @@ def test_layer_figure_draws_one_gpu_and_dtype():
     assert {(r["_gpu"], r["dtype"]) for r in kept} == {("H200", "bf16")} and len(kept) == 5
     no_bf16 = rows("H100", "fp16", 2) + rows("H100", "fp32", 4)
     assert {r["dtype"] for r in gf._one_source(no_bf16)} == {"fp32"}
+
+
+def test_compose_figure_takes_its_lines_and_roofline_from_one_source():
+    """The compose figure's whole-call lines, kernel-only lines and copy roofline come from one GPU and
+    dtype (it had taken the first row it met of each, whatever its run)."""
+    sys.path.insert(0, PAPER)
+    try:
+        import generate_figures as gf
+    finally:
+        sys.path.remove(PAPER)
+
+    def row(gpu, dtype, case, metric, value):
+        return {"_gpu": gpu, "dtype": dtype, "suite": "compose", "case": case, "metric": metric, "value": value}
+
+    all_rows = [row(g, d, c, m, v) for g, d, v in (("H200", "bf16", 1.0), ("H100", "bf16", 2.0), ("H100", "fp32", 3.0))
+                for c, m in (("fwd", "bandwidth"), ("bwd", "bandwidth"), ("fwd", "kernel_bandwidth"),
+                             ("copy_bandwidth", "bandwidth"))]
+    all_rows += [row("H100", "bf16", "bwd", "bandwidth", 2.5)]  # H100 bf16 has the most rows
+
+    class Res:
+        def select(self, suite, metric):
+            return [r for r in all_rows if r["suite"] == suite and r["metric"] == metric]
+
+    calls, kernel, copy = gf._compose_rows(Res())
+    for part in (calls, kernel, copy):
+        assert part and {(r["_gpu"], r["dtype"]) for r in part} == {("H100", "bf16")}
+    assert {r["case"] for r in calls} == {"fwd", "bwd"} and [r["case"] for r in copy] == ["copy_bandwidth"]

@@ -20,7 +20,7 @@ and the BEGIN line may carry arguments (``source=code/results/x.json``). Generat
   through ``get_config()`` (found in their syntax trees);
 - ``env-elsewhere``: environment variables read outside ``dora_env.py`` (syntax trees again), with
   the first docstring line of the function that reads them;
-- ``bench-layer``, ``bench-fused``: headline tables from a committed benchmark JSON named by
+- ``bench-layer``, ``bench-kernels``: headline tables from a committed benchmark JSON named by
   ``source=``, with the GPU, versions, date and command line recorded in that file.
 
 Only ``dora_env.py`` is imported (by file path; it needs nothing but the standard library), so the
@@ -278,6 +278,7 @@ _LAYER_PHASES = (  # (case, column title)
     ("fwd", "time: inference forward"),
     ("fwd_bwd", "time: forward + backward, weights just updated"),
     ("fwd_bwd_accum", "time: forward + backward, within an accumulation window"),
+    ("fwd_bwd_device", "GPU busy time: forward + backward, weights just updated"),
 )
 _MEMORY_PHASES = (
     ("inference_fwd", "peak extra memory: inference"),
@@ -333,7 +334,9 @@ def gen_bench_layer(env, *, source: str, r: str = "384", **_args) -> str:
         f"{'torch.autocast' if run.get('autocast') else 'no autocast'}; medians of repeated CUDA-event timings. "
         "\"Weights just updated\": the adapter parameters change in place before every repeat, as after an "
         "optimizer step (the norm is recomputed); \"within an accumulation window\": they do not (the norm is "
-        "reused). Memory: peak allocated above the phase's start; the optimizer step is in neither.",
+        "reused). GPU busy time: the sum of the step's kernel durations (torch.profiler), host excluded; the "
+        "time columns include the host, which bounds one call of a 4096-wide layer. Memory: peak allocated "
+        "above the phase's start; the optimizer step is in neither.",
         "",
         f"Measured on an **{e['gpu']}** ({run['started'][:10]}; torch {e['torch']}, Triton {e['triton']}, "
         f"CUDA {e['cuda']}; git commit {e['git_commit'] or 'not recorded'}) by the command line recorded in the file:",
@@ -348,65 +351,51 @@ def gen_bench_layer(env, *, source: str, r: str = "384", **_args) -> str:
     return "\n".join(lines)
 
 
-def _fused_check_command(meta: dict) -> str:
-    """The command line recorded in ``meta.args``: defaults left out (taken from the script's parser)."""
-    script = REPO_ROOT / "code" / "scripts" / "gpu_fused_check.py"
-    args = meta["args"]
-    cmd = ["python", "code/scripts/gpu_fused_check.py", "--out", args["out"]]
-    try:
-        spec = importlib.util.spec_from_file_location("_gpu_fused_check_for_docs", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        defaults = vars(module.parse_args(["--out", args["out"]]))
-    except Exception:  # the script changed shape: show every recorded argument
-        defaults = {}
-    for key, value in args.items():
-        if key == "out" or (key in defaults and _same(defaults[key], value)):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                cmd.append(flag)
-        elif value is not None:
-            cmd += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    return shlex.join(cmd)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
-
-
-def gen_bench_fused(env, *, source: str, **_args) -> str:
+def gen_bench_kernels(env, *, source: str, **_args) -> str:
+    """The compose kernels alone, from a micro-suite JSON: time, roofline, bandwidth against the run's copy."""
     doc = _load_json(source)
-    meta, copy = doc["meta"], doc["copy"]
+    e, run = doc["environment"], doc["run"]
+    rows = [x for x in doc["rows"] if x["suite"] == "compose" and x["provider"] == "fused_kernel_layer"
+            and x["status"] == "ok"]
+    index = {(x["case"], x["shape"]["d_out"], x["metric"]): x for x in rows}
+    copy = next(x for x in doc["rows"] if x["suite"] == "compose" and x["case"] == "copy_bandwidth")
     lines = [
-        "| `T × d_out` | fused compose | eager PyTorch (two passes) | eager / fused | share of copy bandwidth |",
-        "|---|---|---|---|---|",
+        "| kernel | `T × d_out` | time | roofline (bytes / copy bandwidth) | bandwidth | % of the 1 GiB copy | "
+        "% of a same-size copy |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in doc["rows"]:
-        if row["suite"] != "compose_fwd" or not row.get("correct"):
-            continue
-        eager = row.get("eager_two_pass_ms")
-        speed = f"{eager / row['median_ms']:.2f}" if eager else "n/a"
-        lines.append(
-            f"| {row['T']} × {row['d_out']} | {row['median_ms']:.3f} ms | "
-            f"{f'{eager:.3f} ms' if eager else 'n/a'} | {speed} | {100 * row['fraction_of_copy_bw']:.0f}% |"
-        )
+    for case, label in (("fwd", "compose forward"), ("bwd", "compose backward")):
+        for (c, d_out, metric), x in index.items():
+            if c != case or metric != "kernel_time":
+                continue
+            roof = re.search(r"roofline ([0-9.]+) ms", x.get("note") or "")
+            cells = []
+            for column, fmt in (("kernel_bandwidth", "{:.0f} GB/s"), ("kernel_pct_of_copy_bandwidth", "{:.1f}%"),
+                                ("kernel_pct_of_same_size_copy", "{:.1f}%")):
+                got = index.get((case, d_out, column))
+                cells.append(fmt.format(got["value"]) if got else "n/a")
+            roof_us = f"{1000 * float(roof.group(1)):.1f} µs" if roof else "n/a"
+            lines.append(f"| {label} | {x['shape']['T']} × {d_out} | {1000 * x['value']:.1f} µs | {roof_us} | "
+                         + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Forward compose `out = g ⊙ (base + s·lora) + bias` over `[T, d_out]` in {meta['args']['dtype']}, "
-        f"median of {copy['repeats']} CUDA-event timings, L2 flushed between calls; the copy bandwidth "
-        f"({copy['gbps']:.0f} GB/s) was measured in the same run. "
-        f"Measured on an **{meta['gpu']}** ({meta['time_utc'][:10]}; torch {meta['torch']}, Triton {meta['triton']}, "
-        f"CUDA {meta['cuda']}; git commit {meta['commit'] or 'not recorded'}) by (arguments as recorded in the file):",
+        "The forward writes `g ⊙ (base + s·lora)` from two `[T, d_out]` reads (the layer runs it for fp32 "
+        "activations and ranks above 768; bf16/fp16 below that run `lora_B`'s GEMM with this compose as its "
+        "epilogue); the backward, which every fused layer runs, reads `dy` and the saved base and writes "
+        "`∂base = g ⊙ dy` with ∂m's per-chunk sums. The ragged width 3003 has rows that are not 16-byte aligned, "
+        "so no vector loads. Bytes are "
+        "counted once each (read + written); the roofline is those bytes at the device-to-device copy bandwidth "
+        f"measured in the same run ({copy['value']:.0f} GB/s, a 1 GiB copy). Each time is a CUDA-graph replay of at "
+        "least 32 launches over rotating inputs (no L2 reuse, no host gaps).",
+        "",
+        f"Measured on an **{e['gpu']}** ({run['started'][:10]}; torch {e['torch']}, Triton {e['triton']}, "
+        f"CUDA {e['cuda']}; git commit {e['git_commit'] or 'not recorded'}) by the command line recorded in the file:",
         "",
         "```bash",
-        _fused_check_command(meta),
+        e["command_line"],
         "```",
         "",
-        f"Source: `{source}` (rows `compose_fwd`: `median_ms`, `eager_two_pass_ms`, `fraction_of_copy_bw`).",
+        f"Source: `{source}` (rows `compose/*` of provider `fused_kernel_layer`; schema in `code/results/SCHEMA.md`).",
     ]
     return "\n".join(lines)
 
@@ -417,7 +406,7 @@ GENERATORS: dict[str, Callable[..., str]] = {
     "config-fields": gen_config_fields,
     "env-elsewhere": gen_env_elsewhere,
     "bench-layer": gen_bench_layer,
-    "bench-fused": gen_bench_fused,
+    "bench-kernels": gen_bench_kernels,
 }
 
 
