@@ -252,6 +252,19 @@ def test_tail_vectors_kernel_matches_its_torch_ops(d_out, m_dtype, monkeypatch):
     assert torch.equal(got.m, m_before.float())
 
 
+@pytest.mark.parametrize("args,error,match", [
+    ((torch.ones(5), torch.ones(4), 0.5), ValueError, r"`m` has shape \(5,\).*expected d_out=4"),
+    ((torch.ones(4, dtype=torch.int64), torch.ones(4), 0.5), TypeError, r"`m` has dtype torch.int64"),
+    ((torch.ones(4), "n", 0.5), TypeError, r"`n` must be a torch.Tensor"),
+    ((torch.ones(4), torch.ones(4), None), TypeError, r"`s` must be a Python float or int"),
+    ((torch.ones(4), torch.ones(4, device="meta"), 0.5), ValueError, r"`n` is on meta but `m` is on cpu"),
+], ids=["numel", "int-dtype", "not-a-tensor", "s-none", "devices"])
+def test_tail_vectors_rejects_bad_input(args, error, match):
+    """The public builder names the bad argument before any kernel reads past a shorter vector."""
+    with pytest.raises(error, match=match):
+        tail_vectors(*args)
+
+
 @pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16], ids=["B32", "B16b"])
 def test_tail_backward_writes_dB_over_a_consumed_P(b_dtype, monkeypatch):
     """consume_P: ∂B lands in P's own buffer when the dtypes match (one [d_out, r] buffer fewer at the

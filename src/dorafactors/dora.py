@@ -313,9 +313,9 @@ def _g_terms(magnitude, norm, base, scaling):
 
 def _tail_vectors(magnitude, norm, base, scaling):
     """``(g·s, s/n)``: what the fused linear tail's backward scales ∂B, ∂(A·x) and ∂m by."""
-    from .dora_fused_linear import tail_vectors
+    from .dora_fused_linear import TailVectors  # the layer's own m and n: no validation
 
-    return tail_vectors(magnitude, norm, scaling)
+    return TailVectors(magnitude, norm, scaling)
 
 
 class _GTermsCache:

@@ -146,7 +146,18 @@ _tail_vectors_kernels: dict = {}
 
 
 def tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> TailVectors:
-    """The :class:`TailVectors` of ``m``, ``n`` and ``s`` (what :class:`FusedDoraLoraB` takes)."""
+    """The :class:`TailVectors` of ``m``, ``n`` and ``s`` (what :class:`FusedDoraLoraB` takes).
+
+    Raises:
+        TypeError, ValueError: ``m`` or ``n`` not a float tensor, their element counts or devices
+            differing, or ``s`` not a Python number.
+    """
+    fn = "tail_vectors"
+    _fused._check_tensor(fn, "m", m)
+    _fused._check_tensor(fn, "n", n)
+    _fused._check_number(fn, "s", s)
+    _fused._check_numel(fn, "m", m, n.numel())
+    _fused._check_devices(fn, [("m", m), ("n", n)])
     return TailVectors(m, n, s)
 
 
@@ -232,7 +243,9 @@ _TAIL_BLOCKS = {False: dict(BLOCK_D=32, BLOCK_R=64, num_warps=4), True: dict(BLO
 # The kernel is checked against its twin under Triton's interpreter (CPU CI) and compiled on an H100
 # (tests/test_dora_fused_linear.py: code/results/gpu_tests/host-tests_h100_81b58b0.txt). With direct launches it
 # made the Qwen3-VL-8B gradient window ~5% shorter than the twin's seven torch ops, at r=16 and r=384, gradients
-# within the run-to-run noise (code/results/diagnostics/window_ab_8b_h100.json).
+# within the run-to-run noise (code/results/diagnostics/window_ab_8b_h100.json). The switch also gates the
+# TailVectors kernel (H100: code/results/gpu_tests/gpu-tests_82c9dab.txt; same-host 8B window A/B in
+# code/results/diagnostics/ab_8b_r16_0308d8e/).
 _TAIL_KERNEL_ON_CUDA = True
 
 
@@ -516,7 +529,7 @@ def compose_lora_b_trusted(base, ax, B, m, n, s, bias=None, tail=None) -> torch.
     """:func:`compose_lora_b` without input validation (the DoRA layer, on every forward). Without
     autograd (no grad mode, or nothing requires grad) the Function is skipped: same kernels, less
     host time."""
-    tail = tail if tail is not None else tail_vectors(m, n, s)
+    tail = tail if tail is not None else TailVectors(m, n, s)
     s = float(s)
     if torch.is_grad_enabled() and (
         base.requires_grad or ax.requires_grad or B.requires_grad or m.requires_grad
