@@ -236,7 +236,7 @@ def test_tail_vectors_kernel_matches_its_torch_ops(d_out, m_dtype, monkeypatch):
     got = tail_vectors(m, n, s)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert launched == [1]
-    monkeypatch.setattr(FL, "_tail_vectors_kernel_applies", lambda n: False)
+    monkeypatch.setattr(FL, "_tail_vectors_kernel_applies", lambda m, n: False)
     ops = tail_vectors(m, n, s)
     m64, n64 = m.double(), n.double()
     exact = {"m": m64, "n": n64, "sg": (m64 / n64 * s)[:, None], "s_over_n": s / n64}
@@ -250,6 +250,19 @@ def test_tail_vectors_kernel_matches_its_torch_ops(d_out, m_dtype, monkeypatch):
     with torch.no_grad():
         m.mul_(2)  # an optimizer step after the forward: the vectors keep their own copy of m
     assert torch.equal(got.m, m_before.float())
+
+
+def test_tail_vectors_of_a_tensor_subclass_take_the_torch_ops(monkeypatch):
+    """A tensor subclass (FSDP2's DTensor, a functorch wrapper) has no storage to hand a kernel: its
+    TailVectors come from the torch ops, with the same values."""
+    class Wrapped(torch.Tensor):
+        pass
+
+    n = torch.rand(7, generator=torch.Generator().manual_seed(2)).to(DEVICE) + 0.5
+    m = (n * 1.05).as_subclass(Wrapped)
+    monkeypatch.setattr(FL, "_launch_tail_vectors", lambda *a: pytest.fail("kernel launched on a subclass"))
+    got = tail_vectors(m, n, 0.5)
+    assert torch.allclose(got.sg.reshape(-1).double(), (m.double() / n.double() * 0.5).as_subclass(torch.Tensor))
 
 
 @pytest.mark.parametrize("args,error,match", [

@@ -78,7 +78,7 @@ class TailVectors:
     def __init__(self, m: torch.Tensor, n: torch.Tensor, s: float) -> None:
         acc = torch.float64 if torch.float64 in (m.dtype, n.dtype) else torch.float32
         with torch.no_grad():
-            if acc == torch.float32 and _tail_vectors_kernel_applies(n):
+            if acc == torch.float32 and _tail_vectors_kernel_applies(m, n):
                 self.m, self.n, sg, self.s_over_n = _launch_tail_vectors(m, n, s).unbind(0)
                 self.sg = sg.unsqueeze(1)
                 return
@@ -92,9 +92,14 @@ class TailVectors:
         return self.n.dtype
 
 
-def _tail_vectors_kernel_applies(n: torch.Tensor) -> bool:
-    # a functorch transform's wrapped tensors (and dynamo's fakes) have no storage for a kernel
-    if _functorch_active() or torch.compiler.is_compiling():
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tail_vectors_kernel_applies(m: torch.Tensor, n: torch.Tensor) -> bool:
+    # plain tensors only: a subclass (FSDP2's DTensor, a functorch wrapper, dynamo's fakes) has no
+    # storage of its own to hand a kernel; the torch ops handle those
+    if type(m) not in _PLAIN_TENSORS or type(n) not in _PLAIN_TENSORS or _functorch_active() \
+            or torch.compiler.is_compiling():
         return False
     return _fused._interpreting() or (n.is_cuda and _TAIL_KERNEL_ON_CUDA)
 
