@@ -168,8 +168,7 @@ def factored_row_norm(
         # low_cpu_mem_usage: shapes only, the real weights arrive later with load_state_dict
         return torch.empty(d_out, dtype=acc, device="meta")
     with _autocast_off(device):
-        # no_grad already: no detach; and no op where device and dtype already fit (this runs after
-        # every optimizer step for every adapted linear, on a step that is often host-bound)
+        # under no_grad: no detach, and no cast where device and dtype fit (host ops after every step)
         gemm = _gemm_dtype(weight, lora_A)
         A_g = lora_A if lora_A.device == device and lora_A.dtype == gemm else lora_A.to(device=device, dtype=gemm)
         B = lora_B if lora_B.device == device and lora_B.dtype == acc else lora_B.to(device=device, dtype=acc)
@@ -179,8 +178,7 @@ def factored_row_norm(
         A_gT = A_g.t()
         G = torch.mm(A_g, A_gT)  # [r, r]
         if eps > 0 and _norm_kernel_applies(weight, gemm):
-            # U = W Aᵀ [d_out, r] (a quantized W in bounded row chunks), then one Triton pass
-            # assembles base + cross + Gram terms, the clamp and the sqrt
+            # U = W Aᵀ [d_out, r] (quantized W: row chunks); one Triton pass: terms, clamp, sqrt
             if isinstance(weight, torch.Tensor):
                 U = torch.mm(weight, A_gT)  # a view of W in, [d_out, r] out: no W-sized temporary
             else:
