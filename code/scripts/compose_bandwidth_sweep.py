@@ -96,7 +96,6 @@ def one_gib_copy_gbps(device) -> float:
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     srcs = [torch.empty(size, dtype=torch.uint8, device=device).fill_(i) for i in range(2)]
     stats = measure(lambda i: dst.copy_(srcs[i % 2]), device=device, warmup=3, repeats=20)
-    del dst, srcs
     return 2 * size / (stats.median * 1e6)
 
 
@@ -129,7 +128,6 @@ def sweep_shape(d_out: int, T: int, copy_gbps: float, device) -> list:
                                                                                       device=device))
              for i in range(count)]
     row("yardstick", "same_size_copy", lambda i: pairs[i][1].copy_(pairs[i][0]))
-    del pairs
     row("yardstick", "torch_add_alpha", lambda i: torch.add(sets[i][0], sets[i][1], alpha=s, out=outs[i]))
     for kind, fwd in (("fwd", True), ("bwd", False)):
         for name, _bytes, launch in _kernel_variants(F, fwd):
@@ -151,8 +149,6 @@ def sweep_shape(d_out: int, T: int, copy_gbps: float, device) -> list:
                 row("bwd", f"tile{bt}x{bd}w{w}", lambda i, g=grid, bt=bt, bd=bd, w=w, h=hint, tc=t_chunk: _bwd[g](
                     sets[i][2], sets[i][0], m, n, outs[i], pdm, T, d_out, tc, HINT=h, BLOCK_T=bt, BLOCK_D=bd,
                     num_warps=w), hint=hint, t_chunk=t_chunk)
-    del sets, outs, pdm
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -169,6 +165,7 @@ def main() -> None:
     print(f"{result['gpu']}: 1 GiB copy {copy_gbps:.0f} GB/s")
     for d_out in args.d_out:
         rows = sweep_shape(d_out, args.tokens, copy_gbps, device)
+        torch.cuda.empty_cache()  # the shape's buffers are gone with its frame
         result["rows"].extend(rows)
         ok = [r for r in rows if "gbps" in r]
         print(f"\nd_out={d_out}")
