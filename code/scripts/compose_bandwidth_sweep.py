@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "code"))
 
-from bench.suite_kernels import _kernel_variants  # noqa: E402
+from bench.suite_kernels import _graph_copy_gbps, _kernel_variants  # noqa: E402
 from bench.timing import measure, measure_graph, rotation_count  # noqa: E402
 from dorafactors import dora_fused as F  # noqa: E402
 
@@ -123,11 +123,9 @@ def sweep_shape(d_out: int, T: int, copy_gbps: float, device) -> list:
         rows.append(dict(d_out=d_out, kind=kind, name=name, ms=ms, gbps=gbps, pct_1gib_copy=100 * gbps / copy_gbps,
                          **extra))
 
-    half = nbytes // 2
-    pairs = [(torch.empty(half, dtype=torch.uint8, device=device).fill_(i), torch.empty(half, dtype=torch.uint8,
-                                                                                      device=device))
-             for i in range(count)]
-    row("yardstick", "same_size_copy", lambda i: pairs[i][1].copy_(pairs[i][0]))
+    same = _graph_copy_gbps(nbytes, count, device)  # the micro suite's same-size yardstick
+    rows.append(dict(d_out=d_out, kind="yardstick", name="same_size_copy", ms=nbytes / (same * 1e6), gbps=same,
+                     pct_1gib_copy=100 * same / copy_gbps))
     row("yardstick", "torch_add_alpha", lambda i: torch.add(sets[i][0], sets[i][1], alpha=s, out=outs[i]))
     for kind, fwd in (("fwd", True), ("bwd", False)):
         for name, _bytes, launch in _kernel_variants(F, fwd):

@@ -301,16 +301,22 @@ def _tuned(name: str):
 _chosen: Dict[tuple, Dict[str, object]] = {}
 
 
+def _launch_config(kernel, key: tuple, grid: tuple, args: tuple, consts: dict, config: dict) -> None:
+    """Launch ``kernel`` with a known config: its compiled binary directly where that is allowed, else
+    through Triton's JIT (always under the interpreter). ``key`` names the call in the direct cache."""
+    if _interpreting() or not launch.direct_launch_allowed():
+        kernel[grid](*args, **consts, **config)
+    else:
+        launch.launch_direct(kernel, key, grid, args, consts, config)
+
+
 def _launch_tuned(name: str, grid, args: tuple, consts: dict, key: tuple) -> None:
     """Launch kernel ``name`` on ``grid(meta)`` with the autotuned config for ``key``."""
     interp = _interpreting()
     full_key = (name, interp, _autotune_comprehensive(), key)
     chosen = _chosen.get(full_key)
     if chosen is not None:
-        if interp or not launch.direct_launch_allowed():
-            _raw_kernel(name)[grid(chosen)](*args, **consts, **chosen)
-        else:
-            launch.launch_direct(_raw_kernel(name), full_key, grid(chosen), args, consts, chosen)
+        _launch_config(_raw_kernel(name), full_key, grid(chosen), args, consts, chosen)
         return
     tuner = _tuned(name)
     tuner[grid](*args, **consts)

@@ -118,10 +118,7 @@ def _launch_tail_vectors(m: torch.Tensor, n: torch.Tensor, s: float) -> torch.Te
     grid = (_fused._cdiv(d_out, _TAIL_VECTORS_BLOCK), 1, 1)
     args, consts = (m1, n1, out, d_out, float(s)), dict(BLOCK=_TAIL_VECTORS_BLOCK)
     with _fused._on_device(n1):
-        if _fused._interpreting() or not _fused.launch.direct_launch_allowed():
-            kernel[grid](*args, **consts)
-        else:
-            _fused.launch.launch_direct(kernel, ("tail_vectors", m1.dtype, n1.dtype), grid, args, {}, consts)
+        _fused._launch_config(kernel, ("tail_vectors",), grid, args, {}, consts)
     return out
 
 
@@ -348,11 +345,8 @@ def _tail_backward(pdm, P, B, tail: "TailVectors", bs_dtype, need_B: bool, need_
     blocks = _TAIL_BLOCKS[interp]
     grid = (_fused._cdiv(d_out, blocks["BLOCK_D"]), 1, 1)
     with _fused._on_device(B):
-        if interp or not _fused.launch.direct_launch_allowed():
-            kernel[grid](*args, **consts, **blocks)
-        else:
-            key = ("lora_b_tail_bwd", need_dm, bool(need_B), bool(need_Bs), is64)
-            _fused.launch.launch_direct(kernel, key, grid, args, consts, blocks)
+        _fused._launch_config(kernel, ("lora_b_tail_bwd", need_dm, bool(need_B), bool(need_Bs), is64), grid, args,
+                              consts, blocks)
     return d_m, dB, Bs
 
 
